@@ -1,0 +1,92 @@
+"""Command line: ``loraplex generate | pull``.
+
+Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
+``LLM(...)`` and the server take the same options under the same names.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from loraplex.config import CONFIG_PARTS
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    for part in CONFIG_PARTS.values():
+        for f in dataclasses.fields(part):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _flag_type(f)
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                    default=f.default, help=f.metadata["help"])
+            else:
+                parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for part in CONFIG_PARTS.values() for f in dataclasses.fields(part)}
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    annotation = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loraplex.llm import LLM
+    from loraplex.sampling import SamplingParams
+
+    llm = LLM(**engine_options(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    for text in llm.stream(prompt, params):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from loraplex.models.registry import pull
+
+    print(pull(args.name, force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="Wrap the prompt in the chat template.")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    add_engine_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("pull", help="Convert an embedded model into the local cache now.")
+    pl.add_argument("name", nargs="?", default="smollm2-135m")
+    pl.add_argument("--force", action="store_true", help="Convert again even if cached.")
+    pl.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:  # bad user input: one clear line, no traceback
+        print(f"loraplex: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,126 @@
+"""Engine configuration: layered frozen dataclasses, validated on creation.
+
+The CLI builds its flags from these fields (``metadata["help"]``), so a field's help text
+is the one place that documents it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _help("Embedded model name (smollm2-135m) or a local Hugging Face folder.",
+                       default="smollm2-135m")
+    dtype: str = _help("auto | bfloat16 | float32 | float16; auto is bfloat16 where the "
+                       "hardware has it, else float32.", default="auto")
+    device: str = _help("auto | cpu | cuda", default="auto")
+    max_model_len: int | None = _help("Longest prompt + output in tokens; default the "
+                                      "model's own context.", default=None)
+    num_threads: int | None = _help("CPU threads; default the cores this process may use.",
+                                    default=None)
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(default_device() if self.device == "auto" else self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.resolved_device().type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+    def resolved_num_threads(self) -> int:
+        if self.num_threads is not None:
+            return self.num_threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = _help("Tokens per KV-cache block.", default=16)
+    kv_cache_gib: float = _help("Memory for the paged KV cache, in GiB.", default=1.0)
+    enable_prefix_caching: bool = _help("Reuse the KV blocks of a shared prompt prefix.",
+                                        default=True)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = _help("Most sequences in one step (the batch size).", default=64)
+    max_num_batched_tokens: int = _help("Token budget of one step; longer prompts are "
+                                        "prefilled in chunks.", default=512)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens: must be >= 1, got "
+                             f"{self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_flat(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat keyword arguments (``LLM(model=..., block_size=...)``, CLI flags).
+
+        An unknown name is an error, never silently dropped.
+        """
+        parts = {}
+        for name, part in CONFIG_PARTS.items():
+            names = {f.name for f in dataclasses.fields(part)}
+            parts[name] = part(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        if kwargs:
+            raise TypeError(f"unknown engine option(s): {sorted(kwargs)}")
+        return cls(**parts)
+
+
+CONFIG_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}

@@ -1,0 +1,195 @@
+"""The engine: requests in, one step at a time, outputs out.
+
+``step()`` is schedule → run → postprocess. Everything a request can get wrong is checked
+in ``add_request`` before it joins the queue, so a bad request never reaches a batch.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from loraplex.config import EngineConfig
+from loraplex.engine.kv_cache import BlockManager
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
+from loraplex.models.loader import load_model, read_arch
+from loraplex.models.registry import resolve_model
+from loraplex.models.tokenizer import Tokenizer
+from loraplex.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model
+        torch.set_num_threads(mc.resolved_num_threads())
+        self.device, self.dtype = mc.resolved_device(), mc.resolved_dtype()
+        self.model_path = resolve_model(mc.model)
+        self.arch = read_arch(self.model_path)
+        self.tokenizer = Tokenizer(self.model_path)
+        model = load_model(self.model_path, self.dtype, self.device)
+        model.pack_weights()
+
+        cc = config.cache
+        block_bytes = ModelRunner.kv_bytes_per_block(model, cc.block_size, self.dtype)
+        num_blocks = int(cc.kv_cache_gib * 2**30) // block_bytes
+        self.max_model_len = self._max_model_len(num_blocks * cc.block_size)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(model, num_blocks, cc.block_size, self.device, self.dtype)
+        self.sequences: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        logger.info("loaded %s (%s, %s) with %d KV blocks; max_model_len %d", self.model_path,
+                    self.dtype, self.device, num_blocks, self.max_model_len)
+
+    def _max_model_len(self, kv_capacity: int) -> int:
+        limits = [self.arch.max_position_embeddings, kv_capacity]
+        if self.arch.sliding_window:  # attention is exact only within the window
+            limits.append(self.arch.sliding_window)
+        wanted = self.config.model.max_model_len
+        if wanted is not None and wanted > min(limits):
+            raise ValueError(f"max_model_len: {wanted} exceeds what this model and KV cache "
+                             f"hold ({min(limits)}); raise kv_cache_gib or lower it")
+        return wanted or min(limits)
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+        return self.add_sequence(self.make_sequence(prompt, params, request_id, arrival_time))
+
+    def add_sequence(self, seq: Sequence) -> Sequence:
+        """Queue a sequence built by ``make_sequence``."""
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams,
+                      request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+        """Validate a request and build its sequence, without queueing it."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary "
+                                 f"[0, {self.arch.vocab_size})")
+        if not token_ids:
+            raise ValueError("prompt: is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within "
+                             f"max_model_len {self.max_model_len}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.sequences:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        seq = Sequence(request_id=request_id, prompt=text, prompt_token_ids=token_ids,
+                       params=params, eos_token_ids=self.tokenizer.eos_token_ids,
+                       max_model_len=self.max_model_len)
+        if arrival_time is not None:
+            seq.metrics.arrival_time = arrival_time
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.status.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        sampled = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        now = time.monotonic()
+        return [self._append_token(seq, token_id, logprob, now)
+                for seq, token_id, logprob in sampled]
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob, now: float) -> RequestOutput:
+        seq.output_token_ids.append(token_id)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        new_text = self._detokenize(seq)
+        status = self._stop_status(seq, token_id, new_text)
+        if status is not None:
+            new_text = self._trim_stop_string(seq, new_text) if status is SequenceStatus.FINISHED_STOPPED else new_text
+            seq.metrics.finished_time = now
+            self.scheduler.finish(seq, status)
+            self.sequences.pop(seq.request_id, None)
+        return self.output_of(seq, new_text)
+
+    def _detokenize(self, seq: Sequence) -> str:
+        if token_is_eos_or_stop(seq, seq.output_token_ids[-1]):
+            return ""  # a stop token's text is never shown
+        new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.detokenize_incrementally(
+            seq.output_token_ids, seq.prefix_offset, seq.read_offset,
+            seq.params.skip_special_tokens)
+        seq.output_text += new_text
+        return new_text
+
+    @staticmethod
+    def _stop_status(seq: Sequence, token_id: int, new_text: str) -> SequenceStatus | None:
+        if token_is_eos_or_stop(seq, token_id):
+            return SequenceStatus.FINISHED_STOPPED
+        if new_text and seq.params.stop and _find_stop(seq, new_text) is not None:
+            return SequenceStatus.FINISHED_STOPPED
+        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _trim_stop_string(seq: Sequence, new_text: str) -> str:
+        """Cut ``seq.output_text`` at the stop string; return what is left of ``new_text``."""
+        found = _find_stop(seq, new_text) if new_text and seq.params.stop else None
+        if found is None:
+            return new_text
+        index, stop = found
+        cut = index + len(stop) if seq.params.include_stop_str_in_output else index
+        before = len(seq.output_text) - len(new_text)
+        seq.output_text = seq.output_text[:cut]
+        return seq.output_text[before:]
+
+    def output_of(self, seq: Sequence, new_text: str = "") -> RequestOutput:
+        finish = seq.status.value if seq.status.is_finished else None
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
+            text=seq.output_text, token_ids=list(seq.output_token_ids), finish_reason=finish,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            metrics=seq.metrics, new_text=new_text)
+
+
+def token_is_eos_or_stop(seq: Sequence, token_id: int) -> bool:
+    return ((not seq.params.ignore_eos and token_id in seq.eos_token_ids)
+            or token_id in seq.params.stop_token_ids)
+
+
+def _find_stop(seq: Sequence, new_text: str) -> tuple[int, str] | None:
+    """Earliest stop string that ends inside the newest text: (index in output_text, stop)."""
+    text = seq.output_text
+    best = None
+    for stop in seq.params.stop:
+        # Only a match that overlaps the new text can be new.
+        start = max(0, len(text) - len(new_text) - len(stop) + 1)
+        index = text.find(stop, start)
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best

@@ -1,0 +1,107 @@
+"""Turns a scheduled batch into tensors, runs the model, samples.
+
+The only engine module that touches tensors. Per step it builds: the flat token ids and
+positions, the KV slot of each new token, and the attention metadata (decodes first,
+then prefill chunks); after the forward pass it computes logits only for the sequences
+whose last token was in this step, and samples from them.
+"""
+from __future__ import annotations
+
+import torch
+
+from loraplex.engine.sampler import sample
+from loraplex.engine.scheduler import ScheduledBatch
+from loraplex.engine.sequence import Sequence
+from loraplex.models.attention import AttentionMetadata, PrefillChunk
+from loraplex.models.llama import LlamaModel
+from loraplex.sampling import TokenLogprob
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        arch = model.arch
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        # [layers, k|v, slots, kv_heads, head_dim]
+        self.kv_caches = torch.zeros(arch.num_layers, 2, num_blocks * block_size,
+                                     arch.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
+        a = model.arch
+        return a.num_layers * 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """Run one step; returns (sequence, sampled token, logprobs) for each that samples."""
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        input_ids, positions, meta = self._prepare(seqs, counts)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        # The last row of each sequence that is now fully computed predicts its next token.
+        sampling, rows, end = [], [], 0
+        for seq, n in zip(seqs, counts):
+            end += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sampling.append(seq)
+                rows.append(end - 1)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        token_ids, logprobs = sample(logits, sampling)
+        return list(zip(sampling, token_ids, logprobs))
+
+    def _prepare(self, seqs: list[Sequence], counts: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs, dev = self.block_size, self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        num_decodes = sum(1 for n in counts if n == 1)
+        decode_tables, decode_lens, prefills = [], [], []
+        for seq, n in zip(seqs, counts):
+            start = seq.num_computed_tokens
+            input_ids += seq.token_slice(start, start + n)
+            positions += range(start, start + n)
+            table = seq.block_ids
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append((len(input_ids) - n, len(input_ids), table, start))
+
+        decode_slots = decode_mask = None
+        if num_decodes:
+            max_len = max(decode_lens)
+            width = -(-max_len // bs)
+            tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in decode_tables],
+                                  device=dev)  # [B, blocks]
+            pos = torch.arange(max_len, device=dev)
+            decode_slots = tables[:, pos // bs] * bs + pos % bs  # [B, T]
+            lens = torch.tensor(decode_lens, device=dev)
+            decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, T]
+
+        chunks = []
+        for start, end, table, num_cached in prefills:
+            num_context = num_cached + (end - start)
+            pos = torch.arange(num_context, device=dev)
+            context_slots = torch.tensor(table, device=dev)[pos // bs] * bs + pos % bs
+            mask = None
+            if num_cached:
+                queries = torch.arange(num_cached, num_context, device=dev)
+                mask = pos[None, :] <= queries[:, None]  # [Q, T]
+            chunks.append(PrefillChunk(start, end, context_slots, mask))
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=dev),
+            num_decode_tokens=num_decodes,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=chunks,
+        )
+        return (torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)

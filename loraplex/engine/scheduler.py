@@ -1,0 +1,105 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+Plain Python, no tensors. One token budget per step covers decodes (1 token each) and
+prefill chunks alike, so a long prompt is prefilled over several steps while the running
+requests keep decoding. Running sequences go first, oldest first; when KV blocks run out,
+the newest running sequence is preempted (its blocks freed, to be recomputed later;
+prefix caching usually makes that cheap). Waiting sequences are admitted first come,
+first served.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from loraplex.config import SchedulerConfig
+from loraplex.engine.kv_cache import BlockManager
+from loraplex.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # per seq, same order
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        blocks = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while blocks.blocks_needed(seq, num_new) > blocks.num_free_blocks:
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                blocks.allocate(seq, num_new)
+                batch.add(seq, num_new)
+                budget -= num_new
+                i += 1
+                continue
+            break
+        if batch.preempted:  # memory is short: admit nobody this step
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = blocks.find_cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * blocks.block_size, budget)
+            if not blocks.can_admit(seq, cached, num_new):
+                break
+            self.waiting.popleft()
+            blocks.take_cached_prefix(seq, cached)
+            blocks.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            batch.add(seq, num_new)
+            budget -= num_new
+        return batch
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Take ``seq`` out of the queues and free its blocks."""
+        assert status.is_finished
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = status
+        self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute later: prompt and generated tokens so far are prefilled again.
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,66 @@
+"""Attention over the paged KV cache.
+
+One step's batch is a flat list of tokens: first the decode tokens (one query per
+sequence), then the prefill chunks (many queries per sequence). Decodes are attended in
+one batched call over their gathered, padded contexts; each prefill chunk in one call of
+its own. The metadata is built once per step by the model runner and shared by all layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """One sequence's prefill chunk: queries ``[start, end)`` of the flat batch."""
+
+    start: int
+    end: int
+    context_slots: torch.Tensor  # [num_context] long: KV slots of positions 0..last query
+    causal_mask: torch.Tensor | None  # [num_queries, num_context] bool; None = plain causal
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] long: KV slot that each new token writes
+    num_decode_tokens: int
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context] long, padded with slot 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    prefills: list[PrefillChunk]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        # [B, T, kv, d] -> [B, kv, T, d]; the query is [B, heads, 1, d].
+        keys = k_cache[meta.decode_slots].transpose(1, 2)
+        values = v_cache[meta.decode_slots].transpose(1, 2)
+        out[:num_decodes] = F.scaled_dot_product_attention(
+            q[:num_decodes].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+            enable_gqa=True).squeeze(2)
+    for chunk in meta.prefills:
+        queries = q[chunk.start:chunk.end].transpose(0, 1)  # [heads, Q, d]
+        if chunk.causal_mask is None:
+            # Nothing cached before this chunk: its own keys are the whole context.
+            keys = k[chunk.start:chunk.end].transpose(0, 1)
+            values = v[chunk.start:chunk.end].transpose(0, 1)
+        else:
+            keys = k_cache[chunk.context_slots].transpose(0, 1)  # [kv, T, d]
+            values = v_cache[chunk.context_slots].transpose(0, 1)
+        out[chunk.start:chunk.end] = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=chunk.causal_mask,
+            is_causal=chunk.causal_mask is None, enable_gqa=True).transpose(0, 1)
+    return out
