@@ -109,10 +109,13 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:  # [head_dim / 2] float32
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (HF layout). x: [N, heads, d]; cos/sin: [N, 1, d/2]."""
+    """Rotate the two halves of each head (HF layout).
+
+    x: [N, heads, d]; cos, sin: [N, 1, d] (each half's angles repeated twice).
+    """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -132,18 +135,20 @@ class LlamaLayer(nn.Module):
         self.gate_up_proj = Linear(h, 2 * i)
         self.down_proj = Linear(i, h)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor,
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [N, hidden], the previous layer's output; residual: the running sum."""
+        """x: [N, hidden], the previous layer's output; residual: the running sum
+        (None before the first layer)."""
         a, eps = self.arch, self.arch.rms_norm_eps
-        residual = x + residual
+        residual = x if residual is None else x + residual
         h = F.rms_norm(residual, (a.hidden_size,), self.input_norm, eps)
         qkv = self.qkv_proj(h)
-        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
-        q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        # Rotate q and k heads in one go: [N, heads + kv_heads, d].
+        qk = apply_rope(qkv[:, :a.q_size + a.kv_size].view(-1, a.num_heads + a.num_kv_heads,
+                                                            a.head_dim), cos, sin)
+        q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
+        v = qkv[:, a.q_size + a.kv_size:].view(-1, a.num_kv_heads, a.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
         residual = self.o_proj(attn.flatten(1)) + residual
         h = F.rms_norm(residual, (a.hidden_size,), self.post_attention_norm, eps)
@@ -164,10 +169,11 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, [N, 1, head_dim / 2], in the model's dtype."""
+        """cos and sin for each token, [N, 1, head_dim], in the model's dtype."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
         dtype = self.embed_tokens.dtype
-        return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -177,7 +183,7 @@ class LlamaModel(nn.Module):
         """
         cos, sin = self.rope_tables(positions)
         x = F.embedding(input_ids, self.embed_tokens)
-        residual = torch.zeros_like(x)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv[0], kv[1], meta)
         return F.rms_norm(x + residual, (self.arch.hidden_size,), self.norm,
