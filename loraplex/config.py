@@ -103,10 +103,33 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    max_loras: int = _help("Adapter slots: most distinct adapters in one step (0 = no LoRA).",
+                           default=8)
+    max_lora_rank: int = _help("Largest adapter rank accepted; slots are sized for it.",
+                               default=16)
+    max_cpu_loras: int = _help("Adapters kept loaded in host memory (LRU).", default=64)
+    max_lora_wait_steps: int = _help("Steps a request may be passed over for want of an "
+                                     "adapter slot before admissions wait for it.", default=64)
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras: must be >= 0, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank: must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras < max(1, self.max_loras):
+            raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), "
+                             f"got {self.max_cpu_loras}")
+        if self.max_lora_wait_steps < 1:
+            raise ValueError(f"max_lora_wait_steps: must be >= 1, got {self.max_lora_wait_steps}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @classmethod
     def from_flat(cls, **kwargs: Any) -> "EngineConfig":
@@ -123,4 +146,5 @@ class EngineConfig:
         return cls(**parts)
 
 
-CONFIG_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+CONFIG_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                "lora": LoRAConfig}

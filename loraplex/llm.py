@@ -7,6 +7,7 @@ from typing import Any
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.sequence import RequestOutput
+from loraplex.lora.request import LoRARequest
 from loraplex.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -21,12 +22,20 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt],
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One output per prompt, in order. Every prompt is validated before any runs."""
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 lora: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """One output per prompt, in order. ``lora``: one adapter for all prompts, or one
+        entry (None = base model) per prompt. Every prompt and adapter is validated before
+        any request runs."""
         prompts = _as_prompt_list(prompts)
-        params_list = _as_params_list(params, len(prompts))
+        params_list = _per_prompt(params, len(prompts), "params") or [SamplingParams()] * len(prompts)
+        loras = _per_prompt(lora, len(prompts), "lora") or [None] * len(prompts)
         engine = self.engine
-        seqs = [engine.make_sequence(p, sp) for p, sp in zip(prompts, params_list)]
+        for request in {r for r in loras if r is not None}:
+            if engine.adapters is None:
+                raise ValueError("lora: this LLM runs with max_loras=0 (LoRA off)")
+            engine.adapters.load_now(request)
+        seqs = [engine.make_sequence(p, sp, lora=r) for p, sp, r in zip(prompts, params_list, loras)]
         for seq in seqs:
             engine.add_sequence(seq)
         while engine.has_unfinished_requests():
@@ -41,10 +50,13 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               lora: LoRARequest | None = None) -> Iterator[str]:
         """Yield the text of one request as it is generated."""
         engine = self.engine
-        seq = engine.add_request(prompt, params or SamplingParams())
+        if lora is not None and engine.adapters is not None:
+            engine.adapters.load_now(lora)  # a refused adapter raises here, not mid-stream
+        seq = engine.add_request(prompt, params or SamplingParams(), lora=lora)
         try:
             while not seq.status.is_finished:
                 for out in engine.step():
@@ -63,12 +75,13 @@ def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     return prompts
 
 
-def _as_params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    params = list(params)
-    if len(params) != n:
-        raise ValueError(f"params: got {len(params)} SamplingParams for {n} prompts")
-    return params
+def _per_prompt(value: Any, n: int, field: str) -> list[Any] | None:
+    """One value for every prompt, a list with one per prompt, or None."""
+    if value is None:
+        return None
+    if isinstance(value, (SamplingParams, LoRARequest)):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{field}: got {len(values)} entries for {n} prompts")
+    return values

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracles must never reach for the hub
+# OpenMP threads that spin while waiting make every small op ~30x slower as soon as
+# another process shares the 2 cores; sleeping waits cost nothing when the CPU is free.
+# Must be set before torch (libgomp) is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

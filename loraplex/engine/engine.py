@@ -16,6 +16,8 @@ from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
+from loraplex.lora.cache import AdapterCache
+from loraplex.lora.request import LoRARequest
 from loraplex.models.loader import load_model, read_arch
 from loraplex.models.registry import resolve_model
 from loraplex.models.tokenizer import Tokenizer
@@ -41,8 +43,12 @@ class LLMEngine:
         num_blocks = int(cc.kv_cache_gib * 2**30) // block_bytes
         self.max_model_len = self._max_model_len(num_blocks * cc.block_size)
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(model, num_blocks, cc.block_size, self.device, self.dtype)
+        lc = config.lora
+        self.adapters = AdapterCache(self.arch, lc) if lc.max_loras else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.adapters,
+                                   lc.max_lora_wait_steps)
+        self.runner = ModelRunner(model, num_blocks, cc.block_size, self.device, self.dtype,
+                                  lc.max_loras, lc.max_lora_rank)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %s) with %d KV blocks; max_model_len %d", self.model_path,
@@ -61,18 +67,25 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
-        return self.add_sequence(self.make_sequence(prompt, params, request_id, arrival_time))
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    lora: LoRARequest | None = None) -> Sequence:
+        return self.add_sequence(self.make_sequence(prompt, params, request_id, arrival_time, lora))
 
     def add_sequence(self, seq: Sequence) -> Sequence:
-        """Queue a sequence built by ``make_sequence``."""
+        """Queue a sequence built by ``make_sequence``; its adapter starts loading now."""
+        if seq.lora is not None:
+            seq.lora_load = self.adapters.prefetch(seq.lora)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams,
-                      request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+                      request_id: str | None = None, arrival_time: float | None = None,
+                      lora: LoRARequest | None = None) -> Sequence:
         """Validate a request and build its sequence, without queueing it."""
+        if lora is not None and self.adapters is None:
+            raise ValueError(f"lora: {lora.name!r} asked for, but this engine runs with "
+                             "max_loras=0 (LoRA off)")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -93,7 +106,7 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         seq = Sequence(request_id=request_id, prompt=text, prompt_token_ids=token_ids,
                        params=params, eos_token_ids=self.tokenizer.eos_token_ids,
-                       max_model_len=self.max_model_len)
+                       max_model_len=self.max_model_len, lora=lora)
         if arrival_time is not None:
             seq.metrics.arrival_time = arrival_time
         if params.seed is not None:
@@ -111,16 +124,41 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = self._collect_adapter_loads()
         batch = self.scheduler.schedule()
         if batch.is_empty:
-            return []
+            if failed or not self.has_unfinished_requests():
+                return failed
+            time.sleep(0.001)  # only adapter loads are in flight
+            return failed
+        if self.adapters is not None:
+            self.runner.load_adapters(self.adapters.take_pending_loads())
         sampled = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
         now = time.monotonic()
-        return [self._append_token(seq, token_id, logprob, now)
-                for seq, token_id, logprob in sampled]
+        return failed + [self._append_token(seq, token_id, logprob, now)
+                         for seq, token_id, logprob in sampled]
+
+    def _collect_adapter_loads(self) -> list[RequestOutput]:
+        """Hand finished adapter loads to their waiting sequences; fail those whose
+        adapter was refused (only those: the rest of the batch never sees it)."""
+        failed = []
+        for seq in list(self.scheduler.waiting):
+            if seq.adapter is not None or seq.lora_load is None or not seq.lora_load.done():
+                continue
+            error = seq.lora_load.exception()
+            if error is None:
+                seq.adapter = self.adapters.take_loaded(seq.lora_load.result())
+                seq.cache_salt = bytes.fromhex(seq.adapter.content_hash)
+                continue
+            seq.error = str(error)
+            seq.metrics.finished_time = time.monotonic()
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            self.sequences.pop(seq.request_id, None)
+            failed.append(self.output_of(seq))
+        return failed
 
     def _append_token(self, seq: Sequence, token_id: int, logprob, now: float) -> RequestOutput:
         seq.output_token_ids.append(token_id)
@@ -174,7 +212,8 @@ class LLMEngine:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
             text=seq.output_text, token_ids=list(seq.output_token_ids), finish_reason=finish,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            metrics=seq.metrics, new_text=new_text)
+            metrics=seq.metrics, new_text=new_text,
+            lora_name=seq.lora.name if seq.lora is not None else None, error=seq.error)
 
 
 def token_is_eos_or_stop(seq: Sequence, token_id: int) -> bool:

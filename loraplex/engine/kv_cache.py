@@ -4,7 +4,7 @@ Plain Python; the tensors live in the model runner. A sequence owns a list of bl
 (its block table); token at position p lives in slot ``block_ids[p // B] * B + p % B``.
 
 Prefix caching: a full block is known by a chained hash of (the previous block's hash,
-its token ids, an extra key such as an adapter's content hash). A block whose last user
+its token ids, the sequence's cache salt: its adapter's content hash, if any). A block whose last user
 finished stays in the free queue with its hash until it is reused, so a later request
 with the same prefix finds it and skips computing it.
 """
@@ -48,7 +48,7 @@ class BlockManager:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, total - len(seq.block_ids))
 
-    def find_cached_prefix(self, seq: Sequence, extra_key: bytes = b"") -> list[int]:
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of ``seq`` (not yet taken).
 
         At least one token is always left to compute, since the step that computes it
@@ -57,7 +57,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        self._extend_hash_chain(seq, max_blocks, extra_key)
+        self._extend_hash_chain(seq, max_blocks)
         hits = []
         for block_hash in seq.block_hash_chain[:max_blocks]:
             block_id = self.cached.get(block_hash)
@@ -98,14 +98,14 @@ class BlockManager:
             self.ref_counts[block_id] = 1
             seq.block_ids.append(block_id)
 
-    def register_full_blocks(self, seq: Sequence, extra_key: bytes = b"") -> None:
+    def register_full_blocks(self, seq: Sequence) -> None:
         """Make the full, computed blocks of ``seq`` findable by later requests."""
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
         if num_full <= seq.num_hashed_blocks:
             return
-        self._extend_hash_chain(seq, num_full, extra_key)
+        self._extend_hash_chain(seq, num_full)
         for i in range(seq.num_hashed_blocks, num_full):
             block_hash, block_id = seq.block_hash_chain[i], seq.block_ids[i]
             if block_hash not in self.cached and self.block_hashes[block_id] is None:
@@ -126,9 +126,9 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
-    def _extend_hash_chain(self, seq: Sequence, num_blocks: int, extra_key: bytes) -> None:
+    def _extend_hash_chain(self, seq: Sequence, num_blocks: int) -> None:
         chain, size = seq.block_hash_chain, self.block_size
         while len(chain) < num_blocks:
             i = len(chain)
             tokens = seq.token_slice(i * size, (i + 1) * size)
-            chain.append(hash_block(chain[-1] if chain else b"", tokens, extra_key))
+            chain.append(hash_block(chain[-1] if chain else b"", tokens, seq.cache_salt))

@@ -1,9 +1,10 @@
 """Turns a scheduled batch into tensors, runs the model, samples.
 
-The only engine module that touches tensors. Per step it builds: the flat token ids and
-positions, the KV slot of each new token, and the attention metadata (decodes first,
-then prefill chunks); after the forward pass it computes logits only for the sequences
-whose last token was in this step, and samples from them.
+The only engine module that touches tensors. Per step it copies newly activated adapters
+into their slots, then builds: the flat token ids and positions, the KV slot of each new
+token, the attention metadata (decodes first, then prefill chunks) and the LoRA mapping
+(token -> adapter slot); after the forward pass it computes logits only for the
+sequences whose last token was in this step, and samples from them.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 from loraplex.engine.sampler import sample
 from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.engine.sequence import Sequence
+from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.layers import attach_lora_stacks, load_into_slot
+from loraplex.lora.ops import LoRAMapping
 from loraplex.models.attention import AttentionMetadata, PrefillChunk
 from loraplex.models.llama import LlamaModel
 from loraplex.sampling import TokenLogprob
@@ -19,11 +23,14 @@ from loraplex.sampling import TokenLogprob
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, max_loras: int = 0,
+                 max_lora_rank: int = 16) -> None:
         arch = model.arch
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.lora_stacks = attach_lora_stacks(model, max_loras, max_lora_rank) if max_loras else []
+        self.slot_ranks: dict[int, int] = {}
         # [layers, k|v, slots, kv_heads, head_dim]
         self.kv_caches = torch.zeros(arch.num_layers, 2, num_blocks * block_size,
                                      arch.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
@@ -34,13 +41,23 @@ class ModelRunner:
         return a.num_layers * 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
 
     @torch.inference_mode()
+    def load_adapters(self, loads: list[tuple[int, LoRAAdapter]]) -> None:
+        for slot, adapter in loads:
+            load_into_slot(self.lora_stacks, slot, adapter)
+            self.slot_ranks[slot] = adapter.max_rank
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         """Run one step; returns (sequence, sampled token, logprobs) for each that samples."""
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self._prepare(seqs, counts)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        lora = None
+        if any(seq.lora_slot >= 0 for seq in seqs):
+            token_slots = [seq.lora_slot for seq, n in zip(seqs, counts) for _ in range(n)]
+            lora = LoRAMapping.build(token_slots, self.slot_ranks, self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, lora)
 
         # The last row of each sequence that is now fully computed predicts its next token.
         sampling, rows, end = [], [], 0

@@ -5,7 +5,11 @@ prefill chunks alike, so a long prompt is prefilled over several steps while the
 requests keep decoding. Running sequences go first, oldest first; when KV blocks run out,
 the newest running sequence is preempted (its blocks freed, to be recomputed later;
 prefix caching usually makes that cheap). Waiting sequences are admitted first come,
-first served.
+first served, with one exception for adapters: a request whose adapter is still loading,
+or has no free slot (every slot pinned by running requests of other adapters), is
+skipped, not waited for, so the others keep flowing. A request skipped for more than
+``max_lora_wait_steps`` steps stops all admissions that would pin a slot, so slots drain
+and it gets the next one: no request waits unboundedly.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.kv_cache import BlockManager
+from loraplex.lora.cache import AdapterCache
 from loraplex.engine.sequence import Sequence, SequenceStatus
 
 
@@ -34,9 +39,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 adapters: AdapterCache | None = None, max_lora_wait_steps: int = 64) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.adapters = adapters
+        self.max_lora_wait_steps = max_lora_wait_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -70,13 +78,31 @@ class Scheduler:
             break
         if batch.preempted:  # memory is short: admit nobody this step
             return batch
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        blocks = self.block_manager
+        starving = next((s for s in self.waiting
+                         if s.num_lora_skips > self.max_lora_wait_steps), None)
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq.lora is not None:
+                if seq.adapter is None:
+                    continue  # still loading from disk
+                assert self.adapters is not None
+                if ((starving is not None and seq is not starving)
+                        or not self.adapters.can_activate(seq.adapter)):
+                    seq.num_lora_skips += 1
+                    continue
             cached = blocks.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * blocks.block_size, budget)
             if not blocks.can_admit(seq, cached, num_new):
-                break
-            self.waiting.popleft()
+                break  # KV memory is first come, first served
+            self.waiting.remove(seq)
+            if seq.adapter is not None:
+                seq.lora_slot = self.adapters.activate(seq.adapter)
             blocks.take_cached_prefix(seq, cached)
             blocks.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
@@ -85,7 +111,6 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
-        return batch
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Take ``seq`` out of the queues and free its blocks."""
@@ -95,11 +120,17 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = status
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        if seq.lora_slot >= 0:
+            self.adapters.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute later: prompt and generated tokens so far are prefilled again.
-        self.block_manager.free(seq)
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

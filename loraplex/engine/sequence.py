@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.request import LoRARequest
 from loraplex.sampling import SamplingParams, TokenLogprob
 
 
@@ -16,6 +19,7 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # eos, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the context limit
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # its adapter failed to load; ``Sequence.error`` says why
 
     @property
     def is_finished(self) -> bool:
@@ -69,6 +73,14 @@ class Sequence:
     block_hash_chain: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # LoRA: the request, its load, the validated adapter once loaded, its slot while running.
+    lora: LoRARequest | None = None
+    lora_load: Future[LoRAAdapter] | None = None
+    adapter: LoRAAdapter | None = None
+    lora_slot: int = -1
+    num_lora_skips: int = 0  # steps passed over for want of an adapter slot
+    cache_salt: bytes = b""  # joins prefix-cache keys: the adapter's content hash
+    error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # Incremental detokenization state (models/tokenizer.py).
     output_text: str = ""
@@ -113,6 +125,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
     metrics: RequestMetrics
     new_text: str = ""  # text added by this step (for streaming)
+    lora_name: str | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:

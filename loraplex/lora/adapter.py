@@ -1,4 +1,4 @@
-"""Read and validate a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+"""Read and validate a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
 
 The result is float32 ``a`` [r, in] and ``b`` [out, r] per (layer, HF projection name), with
 the module's scaling already folded into ``b``, so ``b @ a`` is exactly PEFT's
@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,22 @@ PICKLE_FILE = "adapter_model.bin"
 _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 assert set(_BLOCK) == set(PACKED_MODULES_MAPPING)
-_NOT_LORA_TARGETS = ("model.embed_tokens", "lm_head")  # linear-ish modules we refuse to adapt
+_NOT_LORA_TARGETS = ("model.embed_tokens", "lm_head")
 # Config fields that, when set, change what the adapter computes in ways we do not implement.
 _UNSUPPORTED_FIELDS = ("use_dora", "modules_to_save", "lora_bias", "target_parameters",
                        "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
-                       "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config",
-                       "monteclora_config", "megatron_config")
-# PEFT's save_pretrained strips the adapter name: ...q_proj.lora_A.weight.
-_TENSOR_RE = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(\w+)\.(\w+))\.lora_([AB])\.weight$")
+                       "use_qalora", "use_bdlora", "arrow_config", "kasa_config",
+                       "velora_config", "monteclora_config", "megatron_config")
+# PEFT's save_pretrained strips the adapter name: ...q_proj.lora_A.weight, never .default.
+_TENSOR_RE = re.compile(
+    r"^base_model\.model\.(model\.layers\.(\d+)\.(\w+)\.(\w+))\.lora_([AB])\.weight$")
 
 
 class AdapterError(ValueError):
     """An adapter folder this engine refuses to load; the message names path, field and value."""
+
+
+Fail = Callable[[str, Any, str], AdapterError]
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class LoRAModuleWeights:
     a: torch.Tensor  # [r, in_features] float32, from lora_A
     b: torch.Tensor  # [out_features, r] float32, lora_B already multiplied by `scaling`
     rank: int
-    scaling: float   # lora_alpha / r (or / sqrt(r) with rsLoRA), after rank/alpha_pattern
+    scaling: float  # lora_alpha / r (or / sqrt(r) with rsLoRA), after rank/alpha_pattern
 
 
 @dataclass(frozen=True)
@@ -92,56 +97,53 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
     try:
         tensors = load_safetensors(weights_bytes)
     except Exception as e:  # SafetensorError: truncated or corrupt file
-        raise fail(WEIGHTS_FILE, f"{len(weights_bytes)} bytes", f"is not a valid safetensors file: {e}") from e
+        raise fail(WEIGHTS_FILE, f"{len(weights_bytes)} bytes",
+                   f"is not a valid safetensors file: {e}") from e
     pairs = _pair_tensors(tensors, arch, fail)
     untargeted, missing = sorted(set(pairs) - targeted), sorted(targeted - set(pairs))
     if untargeted:
         raise fail("target_modules", config.get("target_modules"),
                    f"does not target {untargeted[0]}, but {WEIGHTS_FILE} has tensors for it")
     if missing:
-        raise fail(WEIGHTS_FILE, missing[0], "is targeted by adapter_config.json but has no tensors")
+        raise fail(WEIGHTS_FILE, missing[0], f"is targeted by {CONFIG_FILE} but has no tensors")
 
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     use_rslora = bool(config.get("use_rslora", False))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = config.get("rank_pattern", {}), config.get("alpha_pattern", {})
     modules: dict[tuple[int, str], LoRAModuleWeights] = {}
-    for key, (a, b) in sorted(pairs.items()):
+    for key, (a, b) in sorted(pairs.items(), key=lambda item: base_keys[item[0]]):
         layer, module = base_keys[key]
         r_key, alpha_key = pattern_key(rank_pattern, key), pattern_key(alpha_pattern, key)
         r_field = "r" if r_key is None else f"rank_pattern[{r_key!r}]"
-        r = r_default if r_key is None else rank_pattern[r_key]
-        alpha = alpha_default if alpha_key is None else alpha_pattern[alpha_key]
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise fail(r_field, r, "must be a positive integer")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise fail("lora_alpha", alpha, "must be a number")
+        alpha_field = "lora_alpha" if alpha_key is None else f"alpha_pattern[{alpha_key!r}]"
+        r = config.get("r", 8) if r_key is None else rank_pattern[r_key]  # PEFT's defaults
+        alpha = config.get("lora_alpha", 8) if alpha_key is None else alpha_pattern[alpha_key]
+        if type(r) is not int or r <= 0 or type(alpha) not in (int, float):  # bool is no number
+            raise fail(f"{r_field}, {alpha_field}", (r, alpha), "must be a positive int, a number")
         if r > max_lora_rank:
             raise fail(r_field, r, f"is above max_lora_rank {max_lora_rank} (module {key})")
+        in_f, out_f = module_features(arch, module)
+        # PEFT stores [r, in] / [out, r] even with fan_in_fan_out (which it resets for
+        # nn.Linear, i.e. all of Llama), so a transposed file is malformed, not a variant.
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            raise fail(f"{key} shapes", (tuple(a.shape), tuple(b.shape)), f"do not fit the "
+                       f"base: expected lora_A [r, {in_f}] and lora_B [{out_f}, r]")
         if a.shape[0] != b.shape[1]:
-            raise fail(f"{key} rank", (a.shape[0], b.shape[1]), "differs between lora_A and lora_B")
+            raise fail(f"{key} rank", (a.shape[0], b.shape[1]), "differs in lora_A and lora_B")
         if a.shape[0] != r:
             raise fail(r_field, r, f"disagrees with the rank {a.shape[0]} of the {key} tensors")
-        in_f, out_f = module_features(arch, module)
-        # fan_in_fan_out only concerns Conv1D bases; PEFT resets it for nn.Linear (all of
-        # Llama) and stores lora_A/lora_B as [r, in] / [out, r] either way.
-        if a.shape[1] != in_f or b.shape[0] != out_f:
-            raise fail(f"{key} shapes", (tuple(a.shape), tuple(b.shape)),
-                       f"do not fit the base: expected lora_A {(r, in_f)} and lora_B {(out_f, r)}")
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         modules[(layer, module)] = LoRAModuleWeights(a=a, b=b * scaling, rank=r, scaling=scaling)
 
     digest = hashlib.sha256()
-    for data in (config_bytes, weights_bytes):  # length-prefixed so the boundary is unambiguous
+    for data in (config_bytes, weights_bytes):  # length-prefixed: the boundary is unambiguous
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
-    return LoRAAdapter(
-        name=name if name is not None else folder.name, path=folder,
-        content_hash=digest.hexdigest(), max_rank=max(w.rank for w in modules.values()),
-        modules=modules,
-        num_bytes=sum(t.numel() * t.element_size() for w in modules.values() for t in (w.a, w.b)))
+    num_bytes = sum(t.numel() * t.element_size() for w in modules.values() for t in (w.a, w.b))
+    return LoRAAdapter(name or folder.name, folder, digest.hexdigest(),
+                       max(w.rank for w in modules.values()), modules, num_bytes)
 
 
-def _read_config(folder: Path, fail) -> tuple[bytes, dict[str, Any]]:
+def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise fail(CONFIG_FILE, str(file), "is missing; not a PEFT adapter folder")
@@ -155,111 +157,102 @@ def _read_config(folder: Path, fail) -> tuple[bytes, dict[str, Any]]:
     return data, config
 
 
-def _read_weights_bytes(folder: Path, fail) -> bytes:
+def _read_weights_bytes(folder: Path, fail: Fail) -> bytes:
     file = folder / WEIGHTS_FILE
     if file.is_file():
-        return file.read_bytes()
-    if (folder / PICKLE_FILE).is_file():
-        # Never unpickled: a pickle can run arbitrary code.
-        raise fail(PICKLE_FILE, str(folder / PICKLE_FILE), f"is a pickle and is not loaded; "
+        return file.read_bytes()  # one read serves both the hash and the parse
+    if (folder / PICKLE_FILE).is_file():  # never unpickled: a pickle can run arbitrary code
+        raise fail(PICKLE_FILE, str(folder / PICKLE_FILE), "is a pickle and is not loaded; "
                    f"safetensors is required: save the adapter as {WEIGHTS_FILE}")
     raise fail(WEIGHTS_FILE, str(file), "is missing")
 
 
-def _check_fields(config: dict[str, Any], fail) -> None:
-    peft_type = config.get("peft_type", "LORA")  # PEFT always writes it; hand-made configs may not
+def _matcher(field: str, spec: Any, fail: Fail) -> Callable[[str], bool]:
+    """PEFT's module-name rule: a string is a regex for the full name; a list holds names
+    that equal the full name or end it after a dot."""
+    if isinstance(spec, str):
+        try:
+            regex = re.compile(spec)
+        except re.error as e:
+            raise fail(field, spec, f"is not a valid regex: {e}") from e
+        return lambda key: regex.fullmatch(key) is not None
+    if not isinstance(spec, list) or not all(isinstance(n, str) for n in spec):
+        raise fail(field, spec, "must be a list of module names, a regex or 'all-linear'")
+    return lambda key: any(key == n or key.endswith(f".{n}") for n in spec)
+
+
+def _check_fields(config: dict[str, Any], fail: Fail) -> None:
+    peft_type = config.get("peft_type", "LORA")  # PEFT always writes it; hand-made files may not
     if peft_type != "LORA":
         raise fail("peft_type", peft_type, "is not supported; only LORA adapters are")
     for field in _UNSUPPORTED_FIELDS:
         if config.get(field):
-            what = "DoRA is" if field == "use_dora" else "this is"
-            raise fail(field, config[field], f"is not supported ({what} not implemented by loraplex)")
+            raise fail(field, config[field],
+                       "is not supported" + (" (DoRA)" if field == "use_dora" else ""))
     if config.get("bias", "none") != "none":
         raise fail("bias", config["bias"], 'is not supported; only "none" is')
     for field in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(field) or {}
-        if not isinstance(patterns, dict):
-            raise fail(field, patterns, "must be a JSON object")
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise fail(field, pattern, f"is not a valid regex: {e}") from e
+        config[field] = config.get(field) or {}
+        if not isinstance(config[field], dict):
+            raise fail(field, config[field], "must be a JSON object")
+        for pattern in config[field]:
+            _matcher(field, pattern, fail)  # compiles it: a bad regex fails here, not later
 
 
 def _targeted_keys(config: dict[str, Any], base_keys: dict[str, tuple[int, str]],
-                   arch: ModelArch, fail) -> set[str]:
-    """The base modules PEFT would adapt, following ``check_target_module_exists``."""
+                   arch: ModelArch, fail: Fail) -> set[str]:
+    """The base modules PEFT would adapt (its ``check_target_module_exists``)."""
     targets = config.get("target_modules")
     if targets is None:
         targets = ["q_proj", "v_proj"]  # PEFT's default for llama, mistral and qwen2
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         targets = list(_BLOCK)  # every linear layer but the output head
-    layers = config.get("layers_to_transform")
-    layers_pattern = config.get("layers_pattern")
-    if isinstance(targets, str):
-        if layers is not None or layers_pattern:
-            raise fail("layers_to_transform", layers, "cannot be used with a regex target_modules")
-        try:
-            regex = re.compile(targets)
-        except re.error as e:
-            raise fail("target_modules", targets, f"is not a valid regex: {e}") from e
-        matches = lambda key: regex.fullmatch(key) is not None  # noqa: E731
-    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
-        names = set(targets)
-        matches = lambda key: key in names or any(key.endswith(f".{t}") for t in names)  # noqa: E731
-        for t in targets:  # every name must be one of the base's projections
-            if any(k == t or k.endswith(f".{t}") for k in _NOT_LORA_TARGETS):
-                raise fail("target_modules", t, "is not supported (embedding and lm_head targets)")
-            if not any(k == t or k.endswith(f".{t}") for k in base_keys):
-                raise fail("target_modules", t, f"names no module of this {arch.model_type} base "
-                           f"(projections: {', '.join(_BLOCK)}; {arch.num_layers} layers)")
-    else:
-        raise fail("target_modules", targets, "must be a list of names, a regex or 'all-linear'")
-    if any(matches(k) for k in _NOT_LORA_TARGETS):
-        raise fail("target_modules", targets, "is not supported (embedding and lm_head targets)")
+    is_target = _matcher("target_modules", targets, fail)
+    if any(is_target(k) for k in _NOT_LORA_TARGETS):
+        raise fail("target_modules", targets, "is not supported (embedding or lm_head target)")
+    for name in targets if isinstance(targets, list) else []:
+        if not any(k == name or k.endswith(f".{name}") for k in base_keys):
+            raise fail("target_modules", name, f"names no module of this {arch.model_type} base "
+                       f"(projections: {', '.join(_BLOCK)}; {arch.num_layers} layers)")
     exclude = config.get("exclude_modules")
-    if isinstance(exclude, str):
-        excluded = lambda key: re.fullmatch(exclude, key) is not None  # noqa: E731
-    else:
-        excluded = lambda key: bool(exclude) and (  # noqa: E731
-            key in exclude or any(key.endswith(f".{e}") for e in exclude))
-    if isinstance(layers, int):
-        layers = [layers]
+    is_excluded = _matcher("exclude_modules", exclude, fail) if exclude else lambda key: False
+    layers, layers_pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    layers = [layers] if isinstance(layers, int) else layers
     if layers:
+        if isinstance(targets, str):  # PEFT's LoraConfig refuses this combination too
+            raise fail("layers_to_transform", layers, "cannot be used with a regex target_modules")
         for i in layers:
             if not isinstance(i, int) or not 0 <= i < arch.num_layers:
-                raise fail("layers_to_transform", i, f"is not a layer of this base "
-                           f"(num_layers {arch.num_layers})")
+                raise fail("layers_to_transform", i,
+                           f"is not a layer of this base (num_layers {arch.num_layers})")
         # PEFT reads the index after `layers_pattern` (any name when unset); ours is `layers`.
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
         if patterns and "layers" not in patterns:
-            raise fail("layers_pattern", layers_pattern, "matches no module list of this base ('layers')")
+            raise fail("layers_pattern", layers_pattern, "matches no layer list of this base")
     chosen = {k for k, (i, _) in base_keys.items()
-              if matches(k) and not excluded(k) and (not layers or i in layers)}
+              if is_target(k) and not is_excluded(k) and (not layers or i in layers)}
     if not chosen:
         raise fail("target_modules", targets, "selects no module of the base")
     return chosen
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
-                  fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Full module name -> (lora_A, lora_B), float32 and finite."""
+                  fail: Fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Full module name -> (lora_A, lora_B), both float32 and finite."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for tensor_name, tensor in tensors.items():
         m = _TENSOR_RE.match(tensor_name)
         if m is None:
+            why = "is not a lora_A/lora_B weight of a decoder projection"
             if "embed_tokens" in tensor_name or "lm_head" in tensor_name:
-                raise fail("tensor", tensor_name, "is not supported (embedding and lm_head targets)")
-            if "lora_magnitude_vector" in tensor_name:
-                raise fail("tensor", tensor_name, "is not supported (DoRA)")
-            raise fail("tensor", tensor_name, "is not a lora_A/lora_B weight of a decoder projection")
+                why = "is not supported (embedding or lm_head target)"
+            elif "lora_magnitude_vector" in tensor_name:
+                why = "is not supported (DoRA)"
+            raise fail("tensor", tensor_name, why)
         key, layer, block, module, side = m.groups()
-        if _BLOCK.get(module) != block:
-            raise fail("tensor", tensor_name, f"names module {block}.{module}, which the base does "
-                       f"not have (projections: {', '.join(_BLOCK)})")
-        if int(layer) >= arch.num_layers:
-            raise fail("tensor", tensor_name, f"has layer index {layer} >= num_layers {arch.num_layers}")
+        if _BLOCK.get(module) != block or int(layer) >= arch.num_layers:
+            raise fail("tensor", tensor_name, f"names a module the base does not have ("
+                       f"num_layers {arch.num_layers}; projections: {', '.join(_BLOCK)})")
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise fail("tensor", tensor_name, f"must be a 2-D float tensor, got {tensor.dtype} "
                        f"{tuple(tensor.shape)}")
@@ -268,7 +261,6 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
             raise fail("tensor", tensor_name, "has NaN or Inf values")
         found.setdefault(key, {})[side] = tensor
     for key, sides in found.items():
-        if set(sides) != {"A", "B"}:
-            missing = "lora_B" if "A" in sides else "lora_A"
-            raise fail("tensor", f"{key}.{missing}.weight", "is missing")
+        if len(sides) != 2:
+            raise fail("tensor", f"{key}.lora_{'B' if 'A' in sides else 'A'}.weight", "is missing")
     return {key: (sides["A"], sides["B"]) for key, sides in found.items()}

@@ -9,9 +9,15 @@ packing or from the checkpoint.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from loraplex.lora.layers import LoRAStack
+    from loraplex.lora.ops import LoRAMapping
 
 _PACK_HINT_BATCH = 32  # the layout oneDNN picks for this batch works well for 1..512 rows
 
@@ -30,6 +36,7 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False)
                      if bias else None)
         self.is_packed = False
+        self.lora: LoRAStack | None = None  # adapter slots, when LoRA serving is on
 
     def pack(self) -> None:
         """Swap the weight for its prepacked form where the hardware path has one."""
@@ -39,7 +46,12 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.is_packed = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
+    def forward(self, x: torch.Tensor, lora: LoRAMapping | None = None) -> torch.Tensor:
+        """x: [N, in] -> [N, out]; ``lora`` maps tokens to adapter slots for this step."""
         if self.is_packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        if lora is not None and self.lora is not None:
+            self.lora.apply(out, x, lora)
+        return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from torch import nn
 
 from loraplex.models.attention import AttentionMetadata, paged_attention
 from loraplex.models.linear import Linear
+
+if TYPE_CHECKING:
+    from loraplex.lora.ops import LoRAMapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -137,23 +140,24 @@ class LlamaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: AttentionMetadata, lora: LoRAMapping | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, hidden], the previous layer's output; residual: the running sum
         (None before the first layer)."""
         a, eps = self.arch, self.arch.rms_norm_eps
         residual = x if residual is None else x + residual
         h = F.rms_norm(residual, (a.hidden_size,), self.input_norm, eps)
-        qkv = self.qkv_proj(h)
+        qkv = self.qkv_proj(h, lora)
         # Rotate q and k heads in one go: [N, heads + kv_heads, d].
         qk = apply_rope(qkv[:, :a.q_size + a.kv_size].view(-1, a.num_heads + a.num_kv_heads,
                                                             a.head_dim), cos, sin)
         q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
         v = qkv[:, a.q_size + a.kv_size:].view(-1, a.num_kv_heads, a.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
-        residual = self.o_proj(attn.flatten(1)) + residual
+        residual = self.o_proj(attn.flatten(1), lora) + residual
         h = F.rms_norm(residual, (a.hidden_size,), self.post_attention_norm, eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up), residual
+        gate, up = self.gate_up_proj(h, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -176,8 +180,10 @@ class LlamaModel(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [N]; kv_caches: [layers, 2, slots, kv_heads, head_dim].
+                kv_caches: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRAMapping | None = None) -> torch.Tensor:
+        """input_ids, positions: [N]; kv_caches: [layers, 2, slots, kv_heads, head_dim];
+        meta and lora: this step's attention and adapter mappings (built by the runner).
 
         Returns the final-normed hidden states [N, hidden].
         """
@@ -185,13 +191,18 @@ class LlamaModel(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv[0], kv[1], meta)
+            x, residual = layer(x, residual, cos, sin, kv[0], kv[1], meta, lora)
         return F.rms_norm(x + residual, (self.arch.hidden_size,), self.norm,
                           self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, hidden] -> logits [M, vocab] in float32."""
         return self.lm_head(hidden).float()
+
+    def projections(self) -> list[dict[str, Linear]]:
+        """Per layer, the LoRA-capable projections by fused name."""
+        return [{"qkv_proj": l.qkv_proj, "o_proj": l.o_proj, "gate_up_proj": l.gate_up_proj,
+                 "down_proj": l.down_proj} for l in self.layers]
 
     def pack_weights(self) -> None:
         """Prepack every projection for the hardware's matrix kernels (see models/linear.py).

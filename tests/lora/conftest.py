@@ -27,6 +27,12 @@ def tiny_llama(seed: int = 0) -> Any:
 
 
 @pytest.fixture(scope="session")
+def new_tiny_llama() -> Callable[..., Any]:
+    """``new_tiny_llama(seed=0)``: a fresh transformers model (test modules cannot import conftest)."""
+    return tiny_llama
+
+
+@pytest.fixture(scope="session")
 def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> ModelArch:
     folder = tmp_path_factory.mktemp("tiny_llama_config")
     tiny_llama().config.save_pretrained(folder)  # transformers 5 writes rope_parameters

@@ -34,8 +34,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2-bias-gqa": dict(model_type="qwen2", seed=1, num_hidden_layers=3),
     "llama3-rope": dict(model_type="llama", seed=2, rope_scaling=LLAMA3_ROPE,
                         max_position_embeddings=512),
-    "llama-headdim-bias": dict(model_type="llama", seed=3, head_dim=32, num_key_value_heads=1,
-                               attention_bias=True, num_hidden_layers=4, rope_theta=500.0),
+    "llama-headdim-mqa": dict(model_type="llama", seed=3, head_dim=32, num_key_value_heads=1,
+                              num_hidden_layers=4, rope_theta=500.0),
 }
 
 # Two prompts; the long one reaches past llama3's original 64 positions.
@@ -174,6 +174,14 @@ def test_chunked_prefill_matches_transformers(pair: Pair) -> None:
     (last_b, second_a) = pair.forward([(b, table_b, LEN_B - 1, LEN_B), (a, table_a, split, LEN_A)])
     close(torch.cat([first_a, second_a]), pair.hf_logits(a))
     close(torch.cat([first_b, last_b]), pair.hf_logits(b))
+
+
+def test_llama_attention_bias_matches_transformers(tiny_model: Callable[..., Path]) -> None:
+    # transformers' Llama puts a bias on q, k, v *and* o_proj when attention_bias is true.
+    pair = Pair(tiny_model(model_type="llama", seed=4, attention_bias=True))
+    a = pair.tokens_a
+    (ours,) = pair.forward([(a, pair.new_table(LEN_A), 0, LEN_A)])
+    close(ours, pair.hf_logits(a))
 
 
 def test_engine_greedy_and_logprobs_match_transformers(tiny_model: Callable[..., Path]) -> None:

@@ -1,0 +1,294 @@
+"""Shared helpers for the scripts in ``benchmarks/`` (see /work/shared/BENCHMARKS.md).
+
+Every figure a benchmark quotes is a ratio of two things measured side by side in one run:
+``interleave`` runs A and B alternately (A B A B ...) after a warm-up, ``median_ratio``
+takes the median of the pairwise ratios. ``measure_bandwidth`` and ``measure_matmul_rate``
+give the physical limits (memory and arithmetic) measured in the same run.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+# ---- machine -----------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def l3_cache() -> str:
+    """Size of the last-level cache as the kernel reports it (e.g. '260M'), or '?'."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = "?"
+    try:
+        for index in sorted(os.listdir(base)):
+            try:
+                with open(f"{base}/{index}/level") as f:
+                    level = int(f.read())
+                with open(f"{base}/{index}/size") as f:
+                    size = f.read().strip()
+            except OSError:
+                continue
+            if level == 3:
+                best = size
+    except OSError:
+        pass
+    return best
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_lines(dtype: torch.dtype | str) -> list[str]:
+    """Lines describing the machine and software, for the top of a benchmark's output."""
+    flags = cpu_flags()
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = "not installed"
+    dtype_name = str(dtype).replace("torch.", "")
+    return [
+        f"machine: cpu {cpu_model()} | {usable_cores()} cores usable | torch threads "
+        f"{torch.get_num_threads()} | L3 {l3_cache()} | isa {' '.join(isa) or 'none of avx512/amx'}"
+        f"{'' if 'amx_bf16' in flags else ' (no AMX)'}",
+        f"software: python {platform.python_version()} | torch {torch.__version__} | "
+        f"transformers {tf_version} | dtype {dtype_name}",
+        f"load average at start (1/5/15 min): {load}  (shared machine: other processes may "
+        f"compete for the cores; ratios are interleaved for that reason)",
+    ]
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int | str,
+                   low: int = 256) -> list[list[int]]:
+    """``count`` prompts of ``length`` random token ids in [low, vocab_size), reproducible
+    from ``seed`` (an int or a string such as ``"0-b1-2"``). Ids below ``low`` (special and byte tokens in most vocabularies) are
+    avoided. Never all one token (BENCHMARKS.md)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        p = [rng.randrange(low, vocab_size) for _ in range(length)]
+        while length > 1 and len(set(p)) == 1:  # vanishingly rare; the rule is absolute
+            p = [rng.randrange(low, vocab_size) for _ in range(length)]
+        prompts.append(p)
+    return prompts
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch token-id lists for transformers ``generate``: left padding + attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call, after a garbage collection outside the timing."""
+    gc.collect()
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def interleave(runs: dict[str, Callable[[int], Any]], repeats: int, warmup: int = 1,
+               log: Callable[[str], None] | None = None) -> dict[str, list[Any]]:
+    """Call each function in ``runs`` in turn (A B A B ...), ``warmup`` rounds discarded,
+    then ``repeats`` rounds kept. Each function gets the round index (warm-up rounds are
+    negative) so it can use fresh inputs per round, the same for A and B within a round.
+    Returns name -> list of ``repeats`` results."""
+    results: dict[str, list[Any]] = {name: [] for name in runs}
+    for r in range(-warmup, repeats):
+        for name, fn in runs.items():
+            gc.collect()
+            out = fn(r)
+            if r >= 0:
+                results[name].append(out)
+            if log is not None:
+                log(f"  {'warm-up' if r < 0 else f'round {r}'} {name}: {describe(out)}")
+    return results
+
+
+def describe(out: Any) -> str:
+    if isinstance(out, float):
+        return f"{out:.4g}"
+    if isinstance(out, dict):
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in out.items())
+    return str(out)
+
+
+def ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    if len(a) != len(b) or not a:
+        raise ValueError(f"ratios: need two equal, non-empty lists, got {len(a)} and {len(b)}")
+    return [x / y for x, y in zip(a, b)]
+
+
+def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median of the pairwise ratios a[i] / b[i] (BENCHMARKS.md: never a ratio of medians)."""
+    return statistics.median(ratios(a, b))
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """mean, median, p99 (nearest rank), min, max."""
+    v = sorted(values)
+    p99 = v[min(len(v) - 1, max(0, -(-99 * len(v) // 100) - 1))]
+    return {"mean": statistics.fmean(v), "median": statistics.median(v), "p99": p99,
+            "min": v[0], "max": v[-1]}
+
+
+def fmt_list(values: Sequence[float], spec: str = ".3g") -> str:
+    return " ".join(format(x, spec) for x in values)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# ---- transformers streaming timer --------------------------------------------------------
+
+
+def token_timer():
+    """A transformers streamer that timestamps every generated token.
+
+    ``generate`` puts the prompt first, then one tensor per decoding step (all rows of the
+    batch at once); ``times`` holds the perf_counter time of each generated step, so
+    ``times[-1] - times[0]`` is first token to last, like the engine's ``decode_s``.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenTimer(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            now = time.perf_counter()
+            if not self._prompt_seen:
+                self._prompt_seen = True
+                return
+            self.times.append(now)
+
+        def end(self) -> None:
+            pass
+
+        def decode_s(self) -> float:
+            return self.times[-1] - self.times[0] if len(self.times) > 1 else float("nan")
+
+    return TokenTimer()
+
+
+# ---- physical limits ---------------------------------------------------------------------
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Memory bandwidth from a large tensor copy: (bytes read + bytes written) / time.
+
+    ``nbytes`` per buffer should be well above the last-level cache. Returns bytes/s:
+    ``best`` (the limit the hardware showed; used for floors) and ``median``.
+    """
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32)
+    src.uniform_()  # touch every page, nonzero data
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault in dst; warm the copy path
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        elapsed = time.perf_counter() - start
+        rates.append(2 * n * 4 / elapsed)
+    del src, dst
+    gc.collect()
+    return {"best": max(rates), "median": statistics.median(rates), "bytes_per_copy": 2 * n * 4}
+
+
+def measure_matmul_rate(m: int = 512, k: int = 576, n: int = 3072,
+                        dtype: torch.dtype = torch.bfloat16, min_seconds: float = 0.3,
+                        repeats: int = 5) -> dict[str, float]:
+    """Matrix-product rate: ``[m, k] @ [k, n]`` in a loop, 2*m*k*n FLOPs each.
+
+    Both ``torch.mm`` and ``F.linear`` (weight stored [n, k], as in a model) are tried;
+    returns FLOP/s ``best`` over both (used for floors) and each path's best.
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(k, n, generator=g).to(dtype)
+    w = b.t().contiguous()
+    flops = 2 * m * k * n
+    paths = {"mm": lambda: torch.mm(a, b),
+             "linear": lambda: torch.nn.functional.linear(a, w)}
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, fn in paths.items():
+            for _ in range(3):
+                fn()
+            start = time.perf_counter()
+            iters = 0
+            while time.perf_counter() - start < 0.05:
+                fn()
+                iters += 1
+            per_call = (time.perf_counter() - start) / iters
+            iters = max(1, int(min_seconds / repeats / per_call))
+            best = 0.0
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                best = max(best, flops * iters / (time.perf_counter() - start))
+            out[name] = best
+    out["best"] = max(out[name] for name in paths)
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.1f} GB"

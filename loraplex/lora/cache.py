@@ -1,0 +1,133 @@
+"""Adapter memory tiers: disk -> host LRU -> active slots.
+
+Plain Python book-keeping; the model runner does the tensor copies it asks for.
+
+- ``prefetch`` starts reading and validating an adapter in a background thread the moment
+  a request names it, so the load overlaps the request's wait in the queue.
+- The host tier keeps up to ``max_cpu_loras`` validated adapters, least recently used
+  evicted first.
+- The slot tier has ``max_loras`` slots. A slot is pinned while a running sequence uses
+  its adapter; only unpinned slots are evicted (least recently used first).
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.config import LoRAConfig
+from loraplex.lora.adapter import LoRAAdapter, load_adapter
+from loraplex.lora.request import LoRARequest
+from loraplex.models.llama import ModelArch
+
+
+@dataclass(slots=True)
+class AdapterStats:
+    slot_hits: int = 0  # activations that found the adapter already in a slot
+    slot_misses: int = 0
+    slot_evictions: int = 0
+    host_evictions: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0  # disk -> validated host copy, summed
+
+
+class AdapterCache:
+    def __init__(self, arch: ModelArch, config: LoRAConfig) -> None:
+        self.arch = arch
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        self._loading: dict[str, Future[LoRAAdapter]] = {}  # resolved path -> load
+        self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # content hash -> adapter
+        self._host_by_path: dict[str, str] = {}  # resolved path -> content hash
+        self.slot_owner: list[str | None] = [None] * config.max_loras  # content hash
+        self.slot_refs = [0] * config.max_loras
+        self._slot_of: dict[str, int] = {}
+        self._unpinned: OrderedDict[int, None] = OrderedDict.fromkeys(range(config.max_loras))
+        self._pending_loads: list[tuple[int, LoRAAdapter]] = []
+        self.stats = AdapterStats()
+
+    # ---- disk -> host -------------------------------------------------------------------
+
+    def prefetch(self, request: LoRARequest) -> Future[LoRAAdapter]:
+        """Start loading ``request``'s adapter unless it is in host memory or loading."""
+        key = str(Path(request.path).resolve())
+        content_hash = self._host_by_path.get(key)
+        if content_hash in self.host:
+            done: Future[LoRAAdapter] = Future()
+            done.set_result(self.host[content_hash])
+            return done
+        future = self._loading.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._executor.submit(self._load, request, key)
+            self._loading[key] = future
+        return future
+
+    def load_now(self, request: LoRARequest) -> LoRAAdapter:
+        """Load (or find) an adapter and wait for it; raises its validation error."""
+        return self.take_loaded(self.prefetch(request).result())
+
+    def take_loaded(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Record a finished load in the host tier (scheduler thread only)."""
+        key = str(adapter.path.resolve())
+        self._loading.pop(key, None)
+        self._host_by_path[key] = adapter.content_hash
+        cached = self.host.get(adapter.content_hash)
+        if cached is not None:  # same content under another path or name
+            self.host.move_to_end(adapter.content_hash)
+            return cached
+        self.host[adapter.content_hash] = adapter
+        while len(self.host) > self.config.max_cpu_loras:
+            victim = next((h for h in self.host if h not in self._slot_of), None)
+            if victim is None:
+                break
+            del self.host[victim]
+            self.stats.host_evictions += 1
+        return adapter
+
+    def _load(self, request: LoRARequest, key: str) -> LoRAAdapter:
+        start = time.perf_counter()
+        adapter = load_adapter(key, self.arch, self.config.max_lora_rank, name=request.name)
+        self.stats.loads += 1
+        self.stats.load_seconds += time.perf_counter() - start
+        return adapter
+
+    # ---- host -> slots ------------------------------------------------------------------
+
+    def can_activate(self, adapter: LoRAAdapter) -> bool:
+        return adapter.content_hash in self._slot_of or bool(self._unpinned)
+
+    def activate(self, adapter: LoRAAdapter) -> int:
+        """Pin ``adapter`` into a slot for one more running sequence; returns the slot."""
+        slot = self._slot_of.get(adapter.content_hash)
+        if slot is None:
+            slot, _ = self._unpinned.popitem(last=False)  # least recently used
+            old = self.slot_owner[slot]
+            if old is not None:
+                del self._slot_of[old]
+                self.stats.slot_evictions += 1
+            self.slot_owner[slot] = adapter.content_hash
+            self._slot_of[adapter.content_hash] = slot
+            self._pending_loads.append((slot, adapter))
+            self.stats.slot_misses += 1
+        else:
+            self._unpinned.pop(slot, None)
+            self.stats.slot_hits += 1
+        self.slot_refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.slot_refs[slot] -= 1
+        assert self.slot_refs[slot] >= 0
+        if self.slot_refs[slot] == 0:
+            self._unpinned[slot] = None  # most recently used end
+
+    def take_pending_loads(self) -> list[tuple[int, LoRAAdapter]]:
+        """Slots whose weights the model runner must copy in before the next forward."""
+        loads, self._pending_loads = self._pending_loads, []
+        return loads
+
+    @property
+    def num_active(self) -> int:
+        return sum(1 for owner in self.slot_owner if owner is not None)

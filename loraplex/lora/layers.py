@@ -1,0 +1,89 @@
+"""Preallocated adapter slots of one fused projection (the layout lora/ops.py reads).
+
+Each LoRA-capable projection of the model (qkv_proj, o_proj, gate_up_proj, down_proj of
+every layer) owns one ``LoRAStack``. Loading an adapter into slot s copies its A and B
+(B already scaled) into row and column ranges of the stacks sized by its own rank;
+slices the adapter does not target are zeroed.
+"""
+from __future__ import annotations
+
+import torch
+
+from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.ops import LoRAMapping, add_lora
+from loraplex.models.llama import LlamaModel
+
+# Fused projection -> the HF module names of its slices, in output order.
+PROJECTION_SLICES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+class LoRAStack:
+    def __init__(self, slice_names: tuple[str, ...], in_features: int, out_sizes: list[int],
+                 max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.slice_names = slice_names
+        # [slots, slices * max_rank, in] and slices x [slots, out_i, max_rank]
+        self.a_stack = torch.zeros(max_loras, len(slice_names) * max_rank, in_features,
+                                   dtype=dtype, device=device)
+        self.b_stacks = [torch.zeros(max_loras, out, max_rank, dtype=dtype, device=device)
+                         for out in out_sizes]
+        self.has_weights = [False] * max_loras  # slot targets this projection at all
+
+    def load(self, slot: int, rank: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """rank: the slot's rank (the adapter's largest); modules: HF slice name ->
+        (A [r, in], B [out, r] scaled) for this layer, r <= rank (rank_pattern)."""
+        for i, name in enumerate(self.slice_names):
+            rows = self.a_stack[slot, i * rank:(i + 1) * rank]
+            cols = self.b_stacks[i][slot, :, :rank]
+            rows.zero_()
+            cols.zero_()
+            if name in modules:
+                a, b = modules[name]
+                rows[:a.shape[0]].copy_(a)
+                cols[:, :b.shape[1]].copy_(b)
+        self.has_weights[slot] = bool(modules)
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
+        """out: [N, out] base result, x: [N, in]; adds each token's adapter delta in place."""
+        # Skip the groups whose adapters do not target this projection at all.
+        groups = [g for g in mapping.groups if any(self.has_weights[s] for s in g.slots)]
+        if groups:
+            add_lora(out, x, groups, self.a_stack, self.b_stacks)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a_stack, *self.b_stacks))
+
+
+def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list[dict[str, LoRAStack]]:
+    """Give every LoRA-capable projection of ``model`` its slots; returns them per layer."""
+    arch = model.arch
+    out_sizes = {"qkv_proj": [arch.q_size, arch.kv_size, arch.kv_size], "o_proj": [arch.hidden_size],
+                 "gate_up_proj": [arch.intermediate_size] * 2, "down_proj": [arch.hidden_size]}
+    in_sizes = {"qkv_proj": arch.hidden_size, "o_proj": arch.q_size,
+                "gate_up_proj": arch.hidden_size, "down_proj": arch.intermediate_size}
+    dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
+    stacks = []
+    for projections in model.projections():
+        layer_stacks = {}
+        for name, linear in projections.items():
+            linear.lora = LoRAStack(PROJECTION_SLICES[name], in_sizes[name], out_sizes[name],
+                                    max_loras, max_rank, dtype, device)
+            layer_stacks[name] = linear.lora
+        stacks.append(layer_stacks)
+    return stacks
+
+
+def load_into_slot(stacks: list[dict[str, LoRAStack]], slot: int, adapter: LoRAAdapter) -> None:
+    """Copy ``adapter``'s weights into ``slot`` of every projection (cast to the slot dtype)."""
+    by_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in stacks]
+    for (layer, module), weights in adapter.modules.items():
+        by_layer[layer][module] = (weights.a, weights.b)
+    for layer_stacks, modules in zip(stacks, by_layer):
+        for stack in layer_stacks.values():
+            stack.load(slot, adapter.max_rank,
+                       {name: modules[name] for name in stack.slice_names if name in modules})
