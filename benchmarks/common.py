@@ -43,24 +43,33 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def l3_cache() -> str:
-    """Size of the last-level cache as the kernel reports it (e.g. '260M'), or '?'."""
+def l3_cache_bytes() -> int | None:
+    """Size of the last-level (L3) cache as the kernel reports it, or None."""
     base = "/sys/devices/system/cpu/cpu0/cache"
-    best = "?"
     try:
-        for index in sorted(os.listdir(base)):
-            try:
-                with open(f"{base}/{index}/level") as f:
-                    level = int(f.read())
-                with open(f"{base}/{index}/size") as f:
-                    size = f.read().strip()
-            except OSError:
-                continue
-            if level == 3:
-                best = size
+        indexes = sorted(os.listdir(base))
     except OSError:
-        pass
-    return best
+        return None
+    for index in indexes:
+        try:
+            with open(f"{base}/{index}/level") as f:
+                level = int(f.read())
+            with open(f"{base}/{index}/size") as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if level == 3:
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            try:
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+            except ValueError:
+                return None
+    return None
+
+
+def l3_cache() -> str:
+    n = l3_cache_bytes()
+    return "?" if n is None else f"{n / (1 << 20):.0f} MiB"
 
 
 def usable_cores() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from loraplex.config import CONFIG_PARTS
@@ -41,13 +42,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from loraplex.llm import LLM
     from loraplex.sampling import SamplingParams
 
+    from loraplex.lora.request import LoRARequest
+
     llm = LLM(**engine_options(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    for text in llm.stream(prompt, params):
+    lora = LoRARequest(Path(args.adapter).name, args.adapter) if args.adapter else None
+    for text in llm.stream(prompt, params, lora=lora):
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -73,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--adapter", default=None, help="A PEFT LoRA folder to apply (unmerged).")
     add_engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
 

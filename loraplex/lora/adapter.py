@@ -236,6 +236,18 @@ def _targeted_keys(config: dict[str, Any], base_keys: dict[str, tuple[int, str]]
     return chosen
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], found: dict[str, dict[str, torch.Tensor]],
+                  fail: Fail) -> None:
+    """One pass over all weights (hundreds of small checks cost more than the data);
+    only on failure look for the tensor to name."""
+    flat = [t.view(-1) for sides in found.values() for t in sides.values()]
+    if not flat or torch.isfinite(torch.cat(flat)).all():
+        return
+    for tensor_name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise fail("tensor", tensor_name, "has NaN or Inf values")
+
+
 def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
                   fail: Fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Full module name -> (lora_A, lora_B), both float32 and finite."""
@@ -256,10 +268,8 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise fail("tensor", tensor_name, f"must be a 2-D float tensor, got {tensor.dtype} "
                        f"{tuple(tensor.shape)}")
-        tensor = tensor.to(torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise fail("tensor", tensor_name, "has NaN or Inf values")
-        found.setdefault(key, {})[side] = tensor
+        found.setdefault(key, {})[side] = tensor.to(torch.float32)
+    _check_finite(tensors, found, fail)
     for key, sides in found.items():
         if len(sides) != 2:
             raise fail("tensor", f"{key}.lora_{'B' if 'A' in sides else 'A'}.weight", "is missing")

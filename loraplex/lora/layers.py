@@ -2,8 +2,8 @@
 
 Each LoRA-capable projection of the model (qkv_proj, o_proj, gate_up_proj, down_proj of
 every layer) owns one ``LoRAStack``. Loading an adapter into slot s copies its A and B
-(B already scaled) into row and column ranges of the stacks sized by its own rank;
-slices the adapter does not target are zeroed.
+(B already scaled) into the blocks sized by its own rank; everything else in the slot's
+used region is zeroed, so slices it does not target contribute nothing.
 """
 from __future__ import annotations
 
@@ -26,25 +26,25 @@ class LoRAStack:
     def __init__(self, slice_names: tuple[str, ...], in_features: int, out_sizes: list[int],
                  max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.slice_names = slice_names
-        # [slots, slices * max_rank, in] and slices x [slots, out_i, max_rank]
-        self.a_stack = torch.zeros(max_loras, len(slice_names) * max_rank, in_features,
-                                   dtype=dtype, device=device)
-        self.b_stacks = [torch.zeros(max_loras, out, max_rank, dtype=dtype, device=device)
-                         for out in out_sizes]
+        self.out_sizes = out_sizes
+        k = len(slice_names) * max_rank
+        self.a_stack = torch.zeros(max_loras, k, in_features, dtype=dtype, device=device)
+        self.b_stack = torch.zeros(max_loras, sum(out_sizes), k, dtype=dtype, device=device)
         self.has_weights = [False] * max_loras  # slot targets this projection at all
 
     def load(self, slot: int, rank: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """rank: the slot's rank (the adapter's largest); modules: HF slice name ->
         (A [r, in], B [out, r] scaled) for this layer, r <= rank (rank_pattern)."""
-        for i, name in enumerate(self.slice_names):
-            rows = self.a_stack[slot, i * rank:(i + 1) * rank]
-            cols = self.b_stacks[i][slot, :, :rank]
-            rows.zero_()
-            cols.zero_()
+        k = len(self.slice_names) * rank
+        self.a_stack[slot, :k].zero_()
+        self.b_stack[slot, :, :k].zero_()
+        offset = 0
+        for i, (name, size) in enumerate(zip(self.slice_names, self.out_sizes)):
             if name in modules:
-                a, b = modules[name]
-                rows[:a.shape[0]].copy_(a)
-                cols[:, :b.shape[1]].copy_(b)
+                a, b = modules[name]  # [r_i, in], [size, r_i]
+                self.a_stack[slot, i * rank:i * rank + a.shape[0]].copy_(a)
+                self.b_stack[slot, offset:offset + size, i * rank:i * rank + b.shape[1]].copy_(b)
+            offset += size
         self.has_weights[slot] = bool(modules)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
@@ -52,11 +52,11 @@ class LoRAStack:
         # Skip the groups whose adapters do not target this projection at all.
         groups = [g for g in mapping.groups if any(self.has_weights[s] for s in g.slots)]
         if groups:
-            add_lora(out, x, groups, self.a_stack, self.b_stacks)
+            add_lora(out, x, groups, self.a_stack, self.b_stack, len(self.slice_names))
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a_stack, *self.b_stacks))
+        return sum(t.numel() * t.element_size() for t in (self.a_stack, self.b_stack))
 
 
 def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list[dict[str, LoRAStack]]:

@@ -2,17 +2,22 @@
 
 Weights of the active adapters sit in stacked, preallocated tensors (lora/layers.py):
 
-    a_stack:  [num_slots, num_slices * max_rank, in]   rows [i*r, (i+1)*r) = slice i's A
-    b_stacks: num_slices x [num_slots, out_i, max_rank] columns [0, r) = slice i's B * scaling
+    a_stack: [num_slots, num_slices * max_rank, in]
+             rows [i*r, (i+1)*r) hold slice i's A
+    b_stack: [num_slots, out, num_slices * max_rank], block diagonal:
+             rows of slice i (its output range), columns [i*r, (i+1)*r) hold B_i * scaling
 
 where r is that slot's own rank, so an adapter of small rank reads and multiplies only its
-own r rows. A fused projection (qkv: 3 slices, gate_up: 2) shrinks once for all its slices.
+own rows and columns. A fused projection (qkv: 3 slices, gate_up: 2) thus takes one
+shrink and one expand for all its slices: on a decode step the cost is the number of
+operations, not the arithmetic, and the zero blocks of B cost a few percent of bytes.
 
 Per step the model runner groups the LoRA tokens by slot and the slots by rank
-(``LoRAMapping``); every projection then runs, per rank group, one shrink and one expand
-per slice: a plain matrix product when the group has one adapter, a batched product over
-padded segments when it has several. Tokens without an adapter are never touched.
-``add_lora_reference`` is the per-token oracle the fast path is tested against.
+(``LoRAMapping``); every projection then runs, per rank group, one shrink and one expand:
+plain matrix products when the group has one adapter (added in place when it covers the
+whole batch), batched products over padded segments when it has several. Tokens without
+an adapter are never touched. ``add_lora_reference`` is the per-token oracle the fast
+path is tested against.
 """
 from __future__ import annotations
 
@@ -75,46 +80,44 @@ class LoRAMapping:
         return cls(torch.tensor(token_slots, device=device), groups)
 
 
-def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup], a_stack: torch.Tensor,
-             b_stacks: list[torch.Tensor]) -> None:
+def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
+             a_stack: torch.Tensor, b_stack: torch.Tensor, num_slices: int) -> None:
     """out[t] += B_s (A_s x[t]) for every token t of ``groups`` (slot s); in place.
 
-    out: [N, sum(out_i)] (slices side by side), x: [N, in].
+    out: [N, out], x: [N, in].
     """
-    num_slices = len(b_stacks)
     for g in groups:
-        r = g.rank
-        xs = x.index_select(0, g.rows)  # [n, in]
+        k = num_slices * g.rank
         if g.pad_index is None:
             slot = g.slots[0]
-            h = xs @ a_stack[slot, :num_slices * r].T  # [n, slices*r]
-            ys = [h[:, i * r:(i + 1) * r] @ b[slot, :, :r].T for i, b in enumerate(b_stacks)]
+            a, b = a_stack[slot, :k], b_stack[slot, :, :k]  # [k, in], [out, k]
+            if g.rows.numel() == x.shape[0]:  # the whole batch: no gather, no scatter
+                out.addmm_(x @ a.T, b.T)
+                continue
+            delta = (x.index_select(0, g.rows) @ a.T) @ b.T  # [n, out]
         else:
-            num = len(g.slots)
-            padded = xs.new_zeros(num * g.segment_len, xs.shape[1])
-            padded[g.pad_index] = xs
-            a = a_stack.index_select(0, g.slot_ids)[:, :num_slices * r]  # [S, slices*r, in]
-            h = torch.bmm(padded.view(num, g.segment_len, -1), a.transpose(1, 2))  # [S, L, slices*r]
-            ys = []
-            for i, b in enumerate(b_stacks):
-                b_used = b.index_select(0, g.slot_ids)[:, :, :r]  # [S, out_i, r]
-                y = torch.bmm(h[:, :, i * r:(i + 1) * r], b_used.transpose(1, 2))  # [S, L, out_i]
-                ys.append(y.flatten(0, 1)[g.pad_index])
-        delta = ys[0] if num_slices == 1 else torch.cat(ys, dim=-1)  # [n, out]
+            num, seg = len(g.slots), g.segment_len
+            padded = x.new_zeros(num * seg, x.shape[1])
+            padded[g.pad_index] = x.index_select(0, g.rows)
+            a = a_stack.index_select(0, g.slot_ids)[:, :k]  # [S, k, in]
+            b = b_stack.index_select(0, g.slot_ids)[:, :, :k]  # [S, out, k]
+            h = torch.bmm(padded.view(num, seg, -1), a.transpose(1, 2))  # [S, L, k]
+            delta = torch.bmm(h, b.transpose(1, 2)).flatten(0, 1)[g.pad_index]  # [n, out]
         out.index_add_(0, g.rows, delta)
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, token_slots: list[int],
                        slot_ranks: dict[int, int], a_stack: torch.Tensor,
-                       b_stacks: list[torch.Tensor]) -> None:
+                       b_stack: torch.Tensor, out_sizes: list[int]) -> None:
     """The oracle: one token at a time, one slice at a time, in plain torch."""
     offsets = [0]
-    for b in b_stacks:
-        offsets.append(offsets[-1] + b.shape[1])
+    for size in out_sizes:
+        offsets.append(offsets[-1] + size)
     for t, slot in enumerate(token_slots):
         if slot < 0:
             continue
         r = slot_ranks[slot]
-        for i, b in enumerate(b_stacks):
+        for i in range(len(out_sizes)):
             a = a_stack[slot, i * r:(i + 1) * r]  # [r, in]
-            out[t, offsets[i]:offsets[i + 1]] += b[slot, :, :r] @ (a @ x[t])
+            b = b_stack[slot, offsets[i]:offsets[i + 1], i * r:(i + 1) * r]  # [out_i, r]
+            out[t, offsets[i]:offsets[i + 1]] += b @ (a @ x[t])

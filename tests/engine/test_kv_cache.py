@@ -125,8 +125,10 @@ def test_prefix_hit_needs_the_whole_chain() -> None:
     assert bm.find_cached_prefix(make_seq(second_differs)) == a_blocks[:1]
     # Different first block, same later blocks: no hit at all (the hash is chained).
     assert bm.find_cached_prefix(make_seq([9] + prompt[1:])) == []
-    # A different extra key (an adapter's identity) never hits the base model's blocks.
-    assert bm.find_cached_prefix(make_seq(prompt), extra_key=b"adapter") == []
+    # A different cache salt (an adapter's identity) never hits the base model's blocks.
+    salted = make_seq(prompt)
+    salted.cache_salt = bytes.fromhex("ab" * 16)
+    assert bm.find_cached_prefix(salted) == []
 
 
 def test_no_prefix_caching_never_hits() -> None:

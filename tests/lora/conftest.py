@@ -28,7 +28,7 @@ def tiny_llama(seed: int = 0) -> Any:
 
 @pytest.fixture(scope="session")
 def new_tiny_llama() -> Callable[..., Any]:
-    """``new_tiny_llama(seed=0)``: a fresh transformers model (test modules cannot import conftest)."""
+    """``new_tiny_llama(seed=0)``: a fresh model; test modules cannot import conftest."""
     return tiny_llama
 
 

@@ -19,6 +19,7 @@ import torch
 
 from loraplex import LLM, SamplingParams
 from loraplex.models.attention import AttentionMetadata, PrefillChunk
+from loraplex.models.linear import Linear, can_pack
 from loraplex.models.llama import LlamaModel
 from loraplex.models.loader import load_model, read_arch
 
@@ -36,6 +37,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         max_position_embeddings=512),
     "llama-headdim-mqa": dict(model_type="llama", seed=3, head_dim=32, num_key_value_heads=1,
                               num_hidden_layers=4, rope_theta=500.0),
+    "mistral": dict(model_type="mistral", seed=5, sliding_window=None),
 }
 
 # Two prompts; the long one reaches past llama3's original 64 positions.
@@ -45,10 +47,10 @@ LEN_A, LEN_B = 75, 30
 class Pair:
     """loraplex's model and transformers' on one folder, plus a paged KV cache."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.ours: LlamaModel = load_model(folder, torch.float32, torch.device("cpu"))
+        self.ours: LlamaModel = load_model(folder, dtype, torch.device("cpu"))
         self.ours.pack_weights()
         self.hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         arch = self.ours.arch
@@ -56,7 +58,7 @@ class Pair:
         num_blocks = 4 * (-(-(LEN_A + LEN_B) // BLOCK_SIZE)) + 8  # three tests, one pair
         # Garbage everywhere: a read of a slot nobody wrote changes the result visibly.
         self.kv = 1e3 * torch.randn(arch.num_layers, 2, num_blocks * BLOCK_SIZE,
-                                    arch.num_kv_heads, arch.head_dim, generator=gen)
+                                    arch.num_kv_heads, arch.head_dim, generator=gen).to(dtype)
         # Blocks are handed out in scrambled order, never contiguous.
         self.free_blocks = torch.randperm(num_blocks, generator=gen).tolist()
         self.tokens_a = torch.randint(3, arch.vocab_size, (LEN_A,), generator=gen).tolist()
@@ -174,6 +176,37 @@ def test_chunked_prefill_matches_transformers(pair: Pair) -> None:
     (last_b, second_a) = pair.forward([(b, table_b, LEN_B - 1, LEN_B), (a, table_a, split, LEN_A)])
     close(torch.cat([first_a, second_a]), pair.hf_logits(a))
     close(torch.cat([first_b, last_b]), pair.hf_logits(b))
+
+
+@pytest.mark.parametrize("config", ["llama-mha-tied", "qwen2-bias-gqa"])
+def test_bfloat16_with_packed_weights_is_close_to_float32(
+        tiny_model: Callable[..., Path], config: str) -> None:
+    """bf16 serving (weights prepacked for oneDNN where the CPU allows) stays within bf16
+    rounding of transformers' float32 logits, through prefill and decode alike."""
+    pair = Pair(tiny_model(**CONFIGS[config]), dtype=torch.bfloat16)
+    linears = [m for m in pair.ours.modules() if isinstance(m, Linear)]
+    assert all(m.is_packed == can_pack(pair.ours.embed_tokens) for m in linears)
+    a = pair.tokens_a
+    ref = pair.hf_logits(a)
+    table = pair.new_table(LEN_A)
+    (prefill,) = pair.forward([(a, table, 0, 40)])
+    decoded = [pair.forward([(a, table, p, p + 1)])[0] for p in range(40, 50)]
+    ours = torch.cat([prefill, *decoded])
+    err = (ours - ref[:50]).abs()
+    assert err.mean() < 0.05 and err.max() < 0.6, (err.mean().item(), err.max().item())
+    # Far from float32 rounding: this really ran in bf16.
+    assert err.max() > 1e-3
+
+
+def test_sliding_window_caps_the_context(tiny_model: Callable[..., Path]) -> None:
+    # Attention is exact only within a Mistral window, so the engine's context stops there.
+    folder = tiny_model(model_type="mistral", seed=5, sliding_window=32)
+    llm = LLM(str(folder), dtype="float32", kv_cache_gib=0.01)
+    assert llm.engine.max_model_len == 32
+    with pytest.raises(ValueError, match=r"^prompt: 32 tokens .*max_model_len 32"):
+        llm.generate([list(range(100, 132))], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match=r"^max_model_len: 64 exceeds .*\(32\)"):
+        LLM(str(folder), dtype="float32", kv_cache_gib=0.01, max_model_len=64)
 
 
 def test_llama_attention_bias_matches_transformers(tiny_model: Callable[..., Path]) -> None:
