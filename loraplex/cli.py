@@ -44,9 +44,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from loraplex.lora.request import LoRARequest
 
-    llm = LLM(**engine_options(args))
+    # Flags first: a bad value must not cost a model load.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    llm = LLM(**engine_options(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

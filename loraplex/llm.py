@@ -36,10 +36,15 @@ class LLM:
                 raise ValueError("lora: this LLM runs with max_loras=0 (LoRA off)")
             engine.adapters.load_now(request)
         seqs = [engine.make_sequence(p, sp, lora=r) for p, sp, r in zip(prompts, params_list, loras)]
-        for seq in seqs:
-            engine.add_sequence(seq)
-        while engine.has_unfinished_requests():
-            engine.step()
+        try:
+            for seq in seqs:
+                engine.add_sequence(seq)
+            while any(not seq.status.is_finished for seq in seqs):
+                engine.step()
+        except BaseException:  # Ctrl-C or an internal error: leave nothing behind
+            for seq in seqs:
+                engine.abort_request(seq.request_id)
+            raise
         return [engine.output_of(seq) for seq in seqs]
 
     def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],

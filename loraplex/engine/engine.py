@@ -16,6 +16,7 @@ from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
+from loraplex.engine.stop import check_stop, is_stop_token, take_streamable_text
 from loraplex.lora.cache import AdapterCache
 from loraplex.lora.request import LoRARequest
 from loraplex.models.loader import load_model, read_arch
@@ -166,45 +167,18 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
-        new_text = self._detokenize(seq)
-        status = self._stop_status(seq, token_id, new_text)
+        new_text = ""
+        if not is_stop_token(seq, token_id):  # a stop token's text is never shown
+            new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.detokenize_incrementally(
+                seq.output_token_ids, seq.prefix_offset, seq.read_offset,
+                seq.params.skip_special_tokens)
+            seq.output_text += new_text
+        status = check_stop(seq, new_text)
         if status is not None:
-            new_text = self._trim_stop_string(seq, new_text) if status is SequenceStatus.FINISHED_STOPPED else new_text
             seq.metrics.finished_time = now
             self.scheduler.finish(seq, status)
             self.sequences.pop(seq.request_id, None)
-        return self.output_of(seq, new_text)
-
-    def _detokenize(self, seq: Sequence) -> str:
-        if token_is_eos_or_stop(seq, seq.output_token_ids[-1]):
-            return ""  # a stop token's text is never shown
-        new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.detokenize_incrementally(
-            seq.output_token_ids, seq.prefix_offset, seq.read_offset,
-            seq.params.skip_special_tokens)
-        seq.output_text += new_text
-        return new_text
-
-    @staticmethod
-    def _stop_status(seq: Sequence, token_id: int, new_text: str) -> SequenceStatus | None:
-        if token_is_eos_or_stop(seq, token_id):
-            return SequenceStatus.FINISHED_STOPPED
-        if new_text and seq.params.stop and _find_stop(seq, new_text) is not None:
-            return SequenceStatus.FINISHED_STOPPED
-        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH
-        return None
-
-    @staticmethod
-    def _trim_stop_string(seq: Sequence, new_text: str) -> str:
-        """Cut ``seq.output_text`` at the stop string; return what is left of ``new_text``."""
-        found = _find_stop(seq, new_text) if new_text and seq.params.stop else None
-        if found is None:
-            return new_text
-        index, stop = found
-        cut = index + len(stop) if seq.params.include_stop_str_in_output else index
-        before = len(seq.output_text) - len(new_text)
-        seq.output_text = seq.output_text[:cut]
-        return seq.output_text[before:]
+        return self.output_of(seq, take_streamable_text(seq))
 
     def output_of(self, seq: Sequence, new_text: str = "") -> RequestOutput:
         finish = seq.status.value if seq.status.is_finished else None
@@ -215,20 +189,3 @@ class LLMEngine:
             metrics=seq.metrics, new_text=new_text,
             lora_name=seq.lora.name if seq.lora is not None else None, error=seq.error)
 
-
-def token_is_eos_or_stop(seq: Sequence, token_id: int) -> bool:
-    return ((not seq.params.ignore_eos and token_id in seq.eos_token_ids)
-            or token_id in seq.params.stop_token_ids)
-
-
-def _find_stop(seq: Sequence, new_text: str) -> tuple[int, str] | None:
-    """Earliest stop string that ends inside the newest text: (index in output_text, stop)."""
-    text = seq.output_text
-    best = None
-    for stop in seq.params.stop:
-        # Only a match that overlaps the new text can be new.
-        start = max(0, len(text) - len(new_text) - len(stop) + 1)
-        index = text.find(stop, start)
-        if index != -1 and (best is None or index < best[0]):
-            best = (index, stop)
-    return best

@@ -42,11 +42,12 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                              device=logits.device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
+        # top-k first, then top-p over what top-k kept (renormalised), as vLLM and HF do.
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         # Keep a token while the mass strictly before it is below top_p (the top one always).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = (ranks >= top_k[:, None]) | (mass_before >= top_p[:, None])
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits.softmax(dim=-1)
 

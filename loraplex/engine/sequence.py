@@ -84,6 +84,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # Incremental detokenization state (models/tokenizer.py).
     output_text: str = ""
+    num_streamed_chars: int = 0  # of output_text, already returned as new_text
     prefix_offset: int = 0
     read_offset: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))

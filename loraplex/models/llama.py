@@ -43,6 +43,7 @@ class ModelArch:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool  # Llama's attention_bias covers o_proj too; Qwen2's bias is q/k/v only
     sliding_window: int | None
 
     @classmethod
@@ -53,6 +54,8 @@ class ModelArch:
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act: only silu is supported, got {cfg['hidden_act']!r}")
+        if cfg.get("mlp_bias"):
+            raise ValueError(f"mlp_bias: MLP biases are not supported, got {cfg['mlp_bias']!r}")
         # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -80,6 +83,7 @@ class ModelArch:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             sliding_window=cfg.get("sliding_window") if use_window else None,
         )
 
@@ -133,7 +137,7 @@ class LlamaLayer(nn.Module):
         h, i = arch.hidden_size, arch.intermediate_size
         self.input_norm = _param(h)
         self.qkv_proj = Linear(h, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
-        self.o_proj = Linear(arch.q_size, h)
+        self.o_proj = Linear(arch.q_size, h, bias=arch.o_bias)
         self.post_attention_norm = _param(h)
         self.gate_up_proj = Linear(h, 2 * i)
         self.down_proj = Linear(i, h)

@@ -130,6 +130,34 @@ def test_engine_still_serves_after_errors(llm: LLM, watched: dict[str, int],
     assert all(o.finish_reason == "length" for o in outs)
 
 
+def test_engine_is_clean_after_an_exception_mid_run(llm: LLM, reference: list[int],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception while requests run (a Ctrl-C in a notebook, an internal error) must not
+    leave them queued and holding KV blocks, to run again inside the next call."""
+    engine = llm.engine
+    execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def failing(batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return execute(batch)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["Hello there", "Good morning"], GREEDY)
+        assert not engine.has_unfinished_requests()
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:  # leave the shared engine usable for whatever runs next
+        for request_id in list(engine.sequences):
+            engine.abort_request(request_id)
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    (out,) = llm.generate("Hello there", GREEDY)
+    assert out.token_ids == reference
+
+
 # ---- engine options: refused before the model is loaded -----------------------------------
 
 @pytest.fixture

@@ -46,8 +46,8 @@ def llm_tight(default_model_path) -> LLM:
 
 def test_greedy_matches_transformers_generate(greedy_batch: list[Any], hf_f32, hf_tokenizer) -> None:
     # transformers decodes the three prompts as one left-padded batch (cheaper than three runs).
-    hf_tokenizer.padding_side = "left"
-    enc = hf_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    enc = hf_tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    assert (enc.attention_mask[:, 0] == 0).any()  # really left-padded
     with torch.no_grad():
         generated = hf_f32.generate(**enc, do_sample=False, max_new_tokens=32, pad_token_id=2)
     for i, (prompt, out) in enumerate(zip(PROMPTS, greedy_batch)):

@@ -161,6 +161,15 @@ def test_stop_string_across_tokens(runs: dict[str, Any]) -> None:
     assert out.token_ids == full.token_ids[:len(out.token_ids)]
 
 
+def test_streamed_text_never_shows_a_stop_string(llm_f32, runs: dict[str, Any]) -> None:
+    """What a client saw while streaming must be what the request finally says: text that
+    might be the start of a stop string is held back until it is known not to be."""
+    params = SamplingParams(max_tokens=12, temperature=0, stop=["is: 20"])
+    streamed = "".join(llm_f32.stream(FRANCE, params))
+    assert streamed == runs["stop_across_tokens"].text
+    assert "is: 2" not in streamed
+
+
 def test_earliest_stop_string_wins(runs: dict[str, Any]) -> None:
     full = runs["france"]
     out = runs["stop_earliest"]
