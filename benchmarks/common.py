@@ -7,6 +7,7 @@ give the physical limits (memory and arithmetic) measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -301,3 +302,48 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+# ---- loraplex engine steps ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def record_steps(engine: Any):
+    """Timestamp every ``engine.step()`` while the block runs (the method is wrapped on the
+    instance; ``LLM.generate`` calls ``engine.step()``). Yields a list that fills with
+    (perf_counter time at the end of the step, the step's list of RequestOutputs)."""
+    steps: list[tuple[float, list]] = []
+    had_own = "step" in vars(engine)
+    original = engine.step
+
+    def timed_step():
+        out = original()
+        steps.append((time.perf_counter(), out))
+        return out
+
+    engine.step = timed_step
+    try:
+        yield steps
+    finally:
+        if had_own:
+            engine.step = original
+        else:
+            del engine.step
+
+
+def pure_decode_rate(steps: Sequence[tuple[float, list]], num_requests: int) -> dict[str, float]:
+    """Decode throughput over the pure decode steps of a ``record_steps`` recording: tokens
+    of the steps after the step in which the last of ``num_requests`` requests got its first
+    token, over the time from the end of that step to the end of the last one. Prefill
+    (and prefill chunks mixed with early decodes) stays out. Returns tok_s, tokens, seconds
+    and steps (nan tok_s if no step is left)."""
+    seen: set[str] = set()
+    for k, (t, outs) in enumerate(steps):
+        seen.update(o.request_id for o in outs)
+        if len(seen) >= num_requests:
+            tail = [(tt, o) for tt, o in steps[k + 1:] if o]
+            tokens = sum(1 for _, o in tail for x in o if x.error is None)
+            seconds = tail[-1][0] - t if tail else float("nan")
+            return {"tok_s": tokens / seconds if tail else float("nan"), "tokens": tokens,
+                    "seconds": seconds, "steps": len(tail)}
+    return {"tok_s": float("nan"), "tokens": 0, "seconds": float("nan"), "steps": 0}

@@ -92,8 +92,9 @@ class Scheduler:
                 if seq.adapter is None:
                     continue  # still loading from disk
                 assert self.adapters is not None
-                if ((starving is not None and seq is not starving)
-                        or not self.adapters.can_activate(seq.adapter)):
+                if starving is not None and seq is not starving:
+                    continue  # slots drain for the starving request first
+                if not self.adapters.can_activate(seq.adapter):
                     seq.num_lora_skips += 1
                     continue
             cached = blocks.find_cached_prefix(seq)

@@ -79,12 +79,18 @@ class AdapterCache:
             return cached
         self.host[adapter.content_hash] = adapter
         while len(self.host) > self.config.max_cpu_loras:
-            victim = next((h for h in self.host if h not in self._slot_of), None)
+            # Least recently used first; never one a running request uses, nor the newcomer.
+            victim = next((h for h in self.host
+                           if h != adapter.content_hash and not self._is_pinned(h)), None)
             if victim is None:
                 break
             del self.host[victim]
             self.stats.host_evictions += 1
         return adapter
+
+    def _is_pinned(self, content_hash: str) -> bool:
+        slot = self._slot_of.get(content_hash)
+        return slot is not None and self.slot_refs[slot] > 0
 
     def _load(self, request: LoRARequest, key: str) -> LoRAAdapter:
         start = time.perf_counter()

@@ -21,6 +21,9 @@ from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.models.registry import resolve_model
 
+# PEFT calls a transformers method that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
+
 VOCAB_SIZE = 49152  # the default model's tokenizer, which the tiny models borrow
 TINY_KV_GIB = 0.01
 
@@ -154,12 +157,15 @@ def assert_matches_peft(outputs: list[Any], loras: list[str | None], prompts: li
         got = torch.tensor([lp.logprob for lp in out.logprobs])
         want = logp[torch.arange(len(tokens)), torch.tensor(tokens)]
         torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=where)
+        # First step: the engine's top 5 are PEFT's top 5 (compared by value, so that
+        # near-ties may swap places) and each carries PEFT's log-probability.
         top_ids = [t for t, _ in out.logprobs[0].top]
-        assert top_ids == logp[0].topk(5).indices.tolist(), where
-        torch.testing.assert_close(torch.tensor([v for _, v in out.logprobs[0].top]),
-                                   logp[0, top_ids], atol=atol, rtol=0, msg=where)
+        top_values = torch.tensor([v for _, v in out.logprobs[0].top])
+        torch.testing.assert_close(top_values, logp[0].topk(5).values, atol=atol, rtol=0, msg=where)
+        torch.testing.assert_close(top_values, logp[0, top_ids], atol=atol, rtol=0, msg=where)
         if lora is not None:
-            shift = (logp[0] - base_logp).abs().max().item()
+            top = logp[0].topk(5).indices
+            shift = (logp[0, top] - base_logp[top]).abs().max().item()
             assert shift > 50 * atol, f"{where} barely changes the output ({shift})"
 
 
@@ -260,6 +266,23 @@ def request(folder: Path) -> LoRARequest:
     return LoRARequest(folder.name, str(folder))
 
 
+# ---- chunked prefill beside decodes --------------------------------------------------------
+
+def test_chunked_prefills_beside_decodes_match_peft(tiny_llama: Path,
+                                                    many_adapters: list[Path]) -> None:
+    # A 16-token budget prefills the long prompts over several steps while the short
+    # requests decode: one step mixes prefill chunks and decodes of different adapters.
+    adapters = {f.name: f for f in many_adapters[:3]}
+    loras = [None, "a00", "a01", "a02", "a00", None]
+    prompts = random_prompts(6, seed=10, min_len=3, max_len=4)
+    prompts[1] += random_prompts(1, seed=11, min_len=40, max_len=40)[0]
+    prompts[5] += random_prompts(1, seed=12, min_len=30, max_len=30)[0]
+    llm = tiny_llm(tiny_llama, max_num_batched_tokens=16)
+    outputs = llm.generate(prompts, greedy(8), lora=[request(adapters[n]) if n else None
+                                                     for n in loras])
+    assert_matches_peft(outputs, loras, prompts, tiny_llama, adapters, 8, atol=1e-4)
+
+
 # ---- tiers: evicted from slot and host, then reloaded ------------------------------------
 
 def test_second_adapter_evicts_first_from_both_tiers(tiny_llama: Path,
@@ -272,7 +295,7 @@ def test_second_adapter_evicts_first_from_both_tiers(tiny_llama: Path,
     (hash_x,) = cache.host
     assert cache.slot_owner == [hash_x]
     llm.generate(prompt, greedy(4), lora=request(y))
-    (hash_y,) = [h for h in cache.slot_owner]
+    (hash_y,) = cache.slot_owner
     assert hash_y != hash_x
     # The least recently used adapter leaves both tiers; the one just asked for stays,
     # and it was read from disk only once.
@@ -289,6 +312,7 @@ def test_evicted_adapter_reloads_with_identical_output(tiny_llama: Path,
     params = greedy(8, ignore_eos=True)
     first = llm.generate(prompt, params, lora=request(x))[0]
     hash_x = cache.slot_owner[0]
+    # Two more adapters through one slot and one host entry: x has left both tiers.
     others = [llm.generate(prompt, params, lora=request(a))[0] for a in (y, z)]
     assert hash_x not in cache.host and hash_x not in cache.slot_owner
     assert cache.stats.slot_evictions >= 2 and cache.stats.host_evictions >= 1
