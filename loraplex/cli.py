@@ -1,4 +1,4 @@
-"""Command line: ``loraplex generate | pull``.
+"""Command line: ``loraplex serve | generate | pull``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -11,23 +11,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loraplex.config import CONFIG_PARTS
+from loraplex.config import CONFIG_PARTS, ServerConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for part in CONFIG_PARTS.values():
-        for f in dataclasses.fields(part):
-            flag = "--" + f.name.replace("_", "-")
-            kind = _flag_type(f)
-            if kind is bool:
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                    default=f.default, help=f.metadata["help"])
-            else:
-                parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+        add_config_flags(parser, part)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, part: type) -> None:
+    """One flag per field of the config dataclass ``part``, with the field's help text."""
+    group = parser.add_argument_group(part.__name__)
+    for f in dataclasses.fields(part):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(f)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=f.default, help=f.metadata["help"])
+        else:
+            group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for part in CONFIG_PARTS.values() for f in dataclasses.fields(part)}
+
+
+def config_from_args(part: type, args: argparse.Namespace) -> Any:
+    return part(**{f.name: getattr(args, f.name) for f in dataclasses.fields(part)})
 
 
 def _flag_type(f: dataclasses.Field) -> type:
@@ -59,6 +69,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loraplex.config import EngineConfig
+    from loraplex.server.launch import serve
+
+    # Every flag is checked before the model loads.
+    server_config = config_from_args(ServerConfig, args)
+    engine_config = EngineConfig.from_flat(**engine_options(args))
+    adapters: dict[str, str] = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"adapter: expected NAME=PATH, got {spec!r}")
+        if name in adapters:
+            raise ValueError(f"adapter: {name!r} is given twice")
+        adapters[name] = path
+    serve(engine_config, server_config, adapters)
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from loraplex.models.registry import pull
 
@@ -69,6 +98,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    srv = sub.add_parser("serve", help="Serve the OpenAI-compatible API (completions, chat, "
+                         "adapters by name in the model field).")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                     help="A PEFT LoRA folder served as the shared model NAME (repeatable).")
+    add_config_flags(srv, ServerConfig)
+    add_engine_flags(srv)
+    srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.")
     gen.add_argument("--prompt", required=True)

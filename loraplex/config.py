@@ -148,3 +148,47 @@ class EngineConfig:
 
 CONFIG_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                 "lora": LoRAConfig}
+
+
+SERVER_MODES = ("shared", "dedicated")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The OpenAI-compatible server (``loraplex serve``); not part of ``EngineConfig``."""
+
+    host: str = _help("Address to listen on.", default="127.0.0.1")
+    port: int = _help("Port to listen on.", default=8000)
+    served_model_name: str | None = _help("The base model's id in the API; default the "
+                                          "--model value.", default=None)
+    api_keys: str | None = _help("JSON file of API keys and their tenants (see README); "
+                                 "without it the server is open and every caller is an "
+                                 "admin.", default=None)
+    adapter_root: str | None = _help("Folder under which /v1/load_lora_adapter may load "
+                                     "adapters by path; without it, loading by path is off.",
+                                     default=None)
+    state_dir: str | None = _help("Where the adapter registry and uploaded adapters live; "
+                                  "default $LORAPLEX_HOME/server.", default=None)
+    max_queue: int = _help("Most requests waiting for the batch; past it, 429 with "
+                           "Retry-After.", default=256)
+    max_upload_mib: int = _help("Largest adapter upload (the archive, and its unpacked "
+                                "files), in MiB; past it, 413.", default=256)
+    drain_seconds: float = _help("On SIGTERM, how long in-flight requests may finish before "
+                                 "they are aborted.", default=30.0)
+    mode: str = _help("shared: many unmerged adapters on one base (the only mode so far; "
+                      "dedicated, one merged adapter, is not built yet).", default="shared")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: expected 0-65535, got {self.port}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue: must be >= 1, got {self.max_queue}")
+        if self.max_upload_mib < 1:
+            raise ValueError(f"max_upload_mib: must be >= 1, got {self.max_upload_mib}")
+        if self.drain_seconds < 0:
+            raise ValueError(f"drain_seconds: must be >= 0, got {self.drain_seconds}")
+        if self.mode not in SERVER_MODES:
+            raise ValueError(f"mode: expected one of {SERVER_MODES}, got {self.mode!r}")
+        if self.mode == "dedicated":
+            raise ValueError("mode: 'dedicated' (one merged adapter at base speed) is not "
+                             "implemented yet; use 'shared'")
