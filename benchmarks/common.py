@@ -12,6 +12,7 @@ import gc
 import os
 import platform
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,55 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+# ---- contention ---------------------------------------------------------------------------
+
+
+def _system_cpu_seconds() -> tuple[float, float] | None:
+    """(busy seconds excluding steal, steal seconds) summed over all CPUs, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _self_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class CpuMeter:
+    """How much of the machine this process and everything else used during a span.
+
+    ``others``: CPU time of other processes / (wall x CPUs), i.e. the share of the machine
+    they took while we were timing (0 on a quiet machine). ``steal``: time the hypervisor
+    gave our virtual CPUs to other guests, same unit. ``self``: our CPU time / (wall x CPUs)
+    (spin-waiting threads count as busy).
+    """
+
+    def __enter__(self) -> "CpuMeter":
+        self._sys0 = _system_cpu_seconds()
+        self._self0 = _self_cpu_seconds()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        cpus = os.cpu_count() or 1
+        mine = _self_cpu_seconds() - self._self0
+        sys1 = _system_cpu_seconds()
+        self.self = mine / (wall * cpus)
+        if self._sys0 is None or sys1 is None or wall <= 0:
+            self.others = self.steal = float("nan")
+        else:
+            busy = sys1[0] - self._sys0[0]
+            self.others = max(0.0, busy - mine) / (wall * cpus)
+            self.steal = (sys1[1] - self._sys0[1]) / (wall * cpus)
+
+
 # ---- timing ------------------------------------------------------------------------------
 
 
@@ -151,17 +201,30 @@ def interleave(runs: dict[str, Callable[[int], Any]], repeats: int, warmup: int 
     """Call each function in ``runs`` in turn (A B A B ...), ``warmup`` rounds discarded,
     then ``repeats`` rounds kept. Each function gets the round index (warm-up rounds are
     negative) so it can use fresh inputs per round, the same for A and B within a round.
-    Returns name -> list of ``repeats`` results."""
+    Returns name -> list of ``repeats`` results. A result that is a dict gets the share of
+    the machine other processes took during the call (``others_cpu``, see ``CpuMeter``)."""
     results: dict[str, list[Any]] = {name: [] for name in runs}
     for r in range(-warmup, repeats):
         for name, fn in runs.items():
             gc.collect()
-            out = fn(r)
+            with CpuMeter() as meter:
+                out = fn(r)
+            if isinstance(out, dict):
+                out["others_cpu"] = meter.others
+                if meter.steal == meter.steal and meter.steal > 0.005:
+                    out["steal_cpu"] = meter.steal
             if r >= 0:
                 results[name].append(out)
             if log is not None:
                 log(f"  {'warm-up' if r < 0 else f'round {r}'} {name}: {describe(out)}")
     return results
+
+
+def others_cpu(results: dict[str, list[Any]]) -> list[float]:
+    """The ``others_cpu`` shares of every timed call in an ``interleave`` result."""
+    return [x["others_cpu"] for runs in results.values() for x in runs
+            if isinstance(x, dict) and x.get("others_cpu") == x.get("others_cpu")
+            and "others_cpu" in x]
 
 
 def describe(out: Any) -> str:
@@ -332,18 +395,35 @@ def record_steps(engine: Any):
 
 
 def pure_decode_rate(steps: Sequence[tuple[float, list]], num_requests: int) -> dict[str, float]:
-    """Decode throughput over the pure decode steps of a ``record_steps`` recording: tokens
-    of the steps after the step in which the last of ``num_requests`` requests got its first
-    token, over the time from the end of that step to the end of the last one. Prefill
-    (and prefill chunks mixed with early decodes) stays out. Returns tok_s, tokens, seconds
-    and steps (nan tok_s if no step is left)."""
+    """Decode throughput over the pure decode steps of a ``record_steps`` recording: the
+    steps after the one in which the last of ``num_requests`` requests got its first token
+    (prefill, and prefill chunks mixed with early decodes, stay out).
+
+    ``tok_s``: their tokens over their time (end of that step to the end of the last one).
+    ``median_tok_s``: the median over those steps of tokens / step duration -- robust to
+    a burst of other tenants' work on a shared machine, which inflates a few steps.
+    Also ``tokens``, ``seconds``, ``steps``; nan rates if no step is left."""
     seen: set[str] = set()
     for k, (t, outs) in enumerate(steps):
         seen.update(o.request_id for o in outs)
         if len(seen) >= num_requests:
-            tail = [(tt, o) for tt, o in steps[k + 1:] if o]
-            tokens = sum(1 for _, o in tail for x in o if x.error is None)
-            seconds = tail[-1][0] - t if tail else float("nan")
-            return {"tok_s": tokens / seconds if tail else float("nan"), "tokens": tokens,
-                    "seconds": seconds, "steps": len(tail)}
-    return {"tok_s": float("nan"), "tokens": 0, "seconds": float("nan"), "steps": 0}
+            rates, tokens, prev = [], 0, t
+            for tt, o in steps[k + 1:]:
+                n = sum(1 for x in o if x.error is None)
+                if n:
+                    rates.append(n / (tt - prev))
+                    tokens += n
+                prev = tt
+            seconds = prev - t
+            return {"tok_s": tokens / seconds if rates else float("nan"),
+                    "median_tok_s": statistics.median(rates) if rates else float("nan"),
+                    "tokens": tokens, "seconds": seconds, "steps": len(rates)}
+    nan = float("nan")
+    return {"tok_s": nan, "median_tok_s": nan, "tokens": 0, "seconds": nan, "steps": 0}
+
+
+def median_step_rate(times: Sequence[float], tokens_per_step: int) -> float:
+    """``tokens_per_step`` / the median gap between consecutive timestamps (e.g. a
+    ``token_timer``'s ``times``): the same robust rate as ``pure_decode_rate``'s."""
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return tokens_per_step / statistics.median(gaps) if gaps else float("nan")

@@ -19,7 +19,9 @@ hits across rounds).
    are all 64 tokens, so no padding actually occurs). Decode-only rates: transformers,
    32 x 127 tokens over the streamer's first -> last step; loraplex, the tokens of the
    steps after every request has its first token (pure decode steps) over those steps'
-   time, from timestamps taken around ``engine.step`` (wrapped on the instance).
+   time, from timestamps taken around ``engine.step`` (``common.record_steps`` wraps it
+   on the instance; ``common.pure_decode_rate``). Cross-check for 1 and 2: the rate from
+   the median gap between consecutive steps, which a burst of other work barely moves.
 3. Prefill of a 512-token prompt: loraplex TTFT (``max_tokens=1``, ``metrics.ttft_s``)
    vs the wall time of transformers ``generate(max_new_tokens=1)``; ratio is
    loraplex time / transformers time.
@@ -32,6 +34,10 @@ hits across rounds).
    time per token. Batch 32: 2 x those parameters FLOPs per token (attention's own
    products ignored) against the best bf16 rate of a 512x576 @ 576x3072 product loop
    (``torch.mm`` and ``F.linear``); fraction = floor / measured decode time per token.
+
+Contention: the machines are shared. Each timed call records the share of the CPUs other
+processes took meanwhile (``common.CpuMeter``); a pair with a call above 10% is reported as
+disturbed, and the summary line says NOISY if any pair was.
 """
 from __future__ import annotations
 
@@ -46,12 +52,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     fmt_list, human_bytes, l3_cache, l3_cache_bytes, left_pad, machine_lines, measure_bandwidth, measure_matmul_rate,
-    median_ratio, random_prompts, ratios, timed, token_timer, verdict,
+    median_ratio, median_step_rate, pure_decode_rate, random_prompts, ratios, record_steps, timed,
+    token_timer, verdict,
 )
 
 TARGET_B1 = 1.5  # loraplex / transformers decode tok/s at batch 1, at least
 TARGET_C32 = 2.5  # loraplex / transformers output tok/s at 32 concurrent, at least
 TARGET_PREFILL = 1.0  # loraplex / transformers prefill time, at most
+QUIET = 0.10  # other processes' median share of the CPUs above which the run is flagged noisy
 
 
 def say(line: str = "") -> None:
@@ -121,7 +129,7 @@ def main() -> int:
         f"{read_params / 1e6:.2f}M params = {human_bytes(weight_bytes)} in bf16 | both engines "
         f"load {engine.model_path}")
     say(f"setup: seed {args.seed} | {repeats} interleaved pair(s) per scenario after 1 warm-up pair "
-        f"(warm-up decodes {min(out_len, 32)} tokens) "
+        f"(warm-up decodes {min(out_len, 32)} tokens, prefill warm-up full size) "
         f"| random prompt ids in [256, {V}), fresh per round | greedy, ignore_eos / "
         f"min_new_tokens | load time {load_s:.1f}s (excluded){' | QUICK smoke run' if args.quick else ''}")
 
@@ -135,6 +143,32 @@ def main() -> int:
     sample_limits()
 
     greedy = dict(temperature=0, ignore_eos=True)
+    disturbed: dict[str, tuple[int, int]] = {}  # scenario -> (disturbed pairs, pairs)
+
+    def contention(tag: str, pairs: dict, pair_ratios: list[float], better: str) -> None:
+        """Print how much of the machine other processes took during each timed call, and
+        which pairs that disturbed (either call above QUIET)."""
+        a, b = pairs["loraplex"], pairs["transformers"]
+        shares = [max(x.get("others_cpu", 0.0), y.get("others_cpu", 0.0)) for x, y in zip(a, b)]
+        bad = [sh > QUIET for sh in shares]
+        disturbed[tag] = (sum(bad), len(bad))
+        calls = [c.get("others_cpu", float("nan")) for x, y in zip(a, b) for c in (x, y)]
+        say(f"[{tag}] contention: other processes took {fmt_list([100 * x for x in calls], '.0f')}% "
+            f"of the CPUs during the timed calls (loraplex, transformers alternately); disturbed pairs "
+            f"(a call above {100 * QUIET:.0f}%): {sum(bad)} of {len(bad)}")
+        clean = [r for r, is_bad in zip(pair_ratios, bad) if not is_bad]
+        if clean and len(clean) < len(pair_ratios):
+            say(f"[{tag}] for reference, median over the {len(clean)} undisturbed pair(s) only: "
+                f"{statistics.median(clean):.2f}x {better}")
+
+    def robust_line(tag: str, pairs: dict) -> None:
+        """Decode rate from the median gap between consecutive steps: a burst of other work
+        inflates a few gaps, not the median. A cross-check, not the headline figure."""
+        a = [x["median_gap_tok_s"] for x in pairs["loraplex"]]
+        b = [x["median_gap_tok_s"] for x in pairs["transformers"]]
+        say(f"[{tag}] cross-check, decode tok/s from the median step gap: loraplex {fmt_list(a, '.1f')}, "
+            f"transformers {fmt_list(b, '.1f')}; ratio {median_ratio(a, b):.2f}x (pairs: {fmt_list(ratios(a, b), '.2f')})")
+
     warm_len = min(out_len, 32)  # the warm-up pair of b1 and c32 decodes fewer tokens
 
     def n_out(r: int) -> int:
@@ -147,14 +181,15 @@ def main() -> int:
     lp_b1, tf_b1 = [], []
 
     def run_lp_b1(r: int) -> dict:
-        wall, outs = timed(lambda: llm.generate(b1_prompts(r), SamplingParams(max_tokens=n_out(r), **greedy)))
+        with record_steps(engine) as steps:
+            wall, outs = timed(lambda: llm.generate(b1_prompts(r), SamplingParams(max_tokens=n_out(r), **greedy)))
         out = outs[0]
         n = len(out.token_ids)
         assert n == n_out(r), f"loraplex produced {n} tokens, expected {n_out(r)}"
-        if r == 0:
-            b1_tokens["loraplex"] = out.token_ids
+        if r >= 0:
+            b1_tokens[f"loraplex-{r}"] = out.token_ids
         return {"decode_tok_s": (n - 1) / out.metrics.decode_s, "ttft_s": out.metrics.ttft_s,
-                "wall_s": wall}
+                "wall_s": wall, "median_gap_tok_s": pure_decode_rate(steps, 1)["median_tok_s"]}
 
     def run_tf_b1(r: int) -> dict:
         ids, mask = left_pad(b1_prompts(r), pad_id)
@@ -166,9 +201,10 @@ def main() -> int:
                                                 pad_token_id=pad_id, streamer=timer))
         n = y.shape[1] - ids.shape[1]
         assert n == n_out(r) == len(timer.times), f"transformers produced {n} tokens, expected {n_out(r)}"
-        if r == 0:
-            b1_tokens["transformers"] = y[0, ids.shape[1]:].tolist()
-        return {"decode_tok_s": (n - 1) / timer.decode_s(), "ttft_s": timer.times[0] - t0, "wall_s": wall}
+        if r >= 0:
+            b1_tokens[f"transformers-{r}"] = y[0, ids.shape[1]:].tolist()
+        return {"decode_tok_s": (n - 1) / timer.decode_s(), "ttft_s": timer.times[0] - t0, "wall_s": wall,
+                "median_gap_tok_s": median_step_rate(timer.times, 1)}
 
     pairs_b1 = run_pairs("b1", run_lp_b1, run_tf_b1, repeats)
     lp_b1 = [x["decode_tok_s"] for x in pairs_b1["loraplex"]]
@@ -178,10 +214,14 @@ def main() -> int:
     say(f"[b1] transformers decode: median {statistics.median(tf_b1):.1f} tok/s (rounds: {fmt_list(tf_b1, '.1f')})")
     say(f"[b1] loraplex/transformers decode tok/s: {r_b1:.2f}x (pairs: {fmt_list(ratios(lp_b1, tf_b1), '.2f')}) "
         f"| target >= {TARGET_B1}x {verdict(r_b1 >= TARGET_B1)}")
-    a, b = b1_tokens.get("loraplex", []), b1_tokens.get("transformers", [])
-    same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    say(f"[b1] greedy agreement on the same prompt (round 0): first {same} of {out_len} tokens identical "
-        f"(bf16 rounding differs between the engines; an early split is not by itself a bug)")
+    same = []
+    for r in range(repeats):
+        a, b = b1_tokens[f"loraplex-{r}"], b1_tokens[f"transformers-{r}"]
+        same.append(next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    say(f"[b1] greedy agreement, same prompt: identical leading tokens per round {' '.join(map(str, same))} "
+        f"of {out_len} (bf16 rounding differs between the engines; a split at a near-tie is expected)")
+    robust_line("b1", pairs_b1)
+    contention("b1", pairs_b1, ratios(lp_b1, tf_b1), "decode tok/s")
     sample_limits()
 
     # ---- 2. 32 concurrent ----------------------------------------------------------------
@@ -189,32 +229,12 @@ def main() -> int:
     c32_prompts = lambda r: random_prompts(conc, prompt_len, V, f"{args.seed}-c32-{r}")  # noqa: E731
 
     def run_lp_c32(r: int) -> dict:
-        steps: list[tuple[float, list]] = []
-        original = engine.step
-
-        def timed_step():
-            out = original()
-            steps.append((time.perf_counter(), out))
-            return out
-
-        engine.step = timed_step  # instance attribute: LLM.generate calls engine.step()
-        try:
-            t0 = time.perf_counter()
+        with record_steps(engine) as steps:
             wall, outs = timed(lambda: llm.generate(c32_prompts(r), SamplingParams(max_tokens=n_out(r), **greedy)))
-        finally:
-            del engine.step
         assert all(len(o.token_ids) == n_out(r) for o in outs), "loraplex: wrong output length"
-        decode_rate = float("nan")
-        seen: set[str] = set()
-        for k, (t, step_out) in enumerate(steps):
-            seen.update(o.request_id for o in step_out)
-            if len(seen) == conc:
-                tail = steps[k + 1:]
-                if tail:
-                    decode_rate = sum(len(o) for _, o in tail) / (tail[-1][0] - t)
-                break
-        return {"tok_s": conc * n_out(r) / wall, "decode_tok_s": decode_rate, "wall_s": wall,
-                "steps": len(steps), "t_first_step_s": steps[0][0] - t0 if steps else float("nan")}
+        decode = pure_decode_rate(steps, conc)
+        return {"tok_s": conc * n_out(r) / wall, "decode_tok_s": decode["tok_s"], "wall_s": wall,
+                "steps": len(steps), "median_gap_tok_s": decode["median_tok_s"]}
 
     def run_tf_c32(r: int) -> dict:
         ids, mask = left_pad(c32_prompts(r), pad_id)
@@ -225,7 +245,7 @@ def main() -> int:
                                                 pad_token_id=pad_id, streamer=timer))
         assert y.shape == (conc, prompt_len + n_out(r)), f"transformers: output shape {tuple(y.shape)}"
         return {"tok_s": conc * n_out(r) / wall, "decode_tok_s": conc * (n_out(r) - 1) / timer.decode_s(),
-                "wall_s": wall}
+                "wall_s": wall, "median_gap_tok_s": median_step_rate(timer.times, conc)}
 
     pairs_c32 = run_pairs("c32", run_lp_c32, run_tf_c32, repeats)
     lp_c = [x["tok_s"] for x in pairs_c32["loraplex"]]
@@ -245,6 +265,8 @@ def main() -> int:
         f"(rounds: {fmt_list(tf_cd, '.1f')})")
     r_c32d = median_ratio(lp_cd, tf_cd)
     say(f"[c32] loraplex/transformers decode-only tok/s: {r_c32d:.2f}x (pairs: {fmt_list(ratios(lp_cd, tf_cd), '.2f')})")
+    robust_line("c32", pairs_c32)
+    contention("c32", pairs_c32, ratios(lp_c, tf_c), "throughput")
     sample_limits()
 
     # ---- 3. prefill 512 ------------------------------------------------------------------
@@ -272,6 +294,7 @@ def main() -> int:
         f"{1e3 * statistics.median(tf_pf):.1f} ms (rounds: {fmt_list([1e3 * x for x in tf_pf], '.1f')})")
     say(f"[prefill] loraplex/transformers time: {r_pf:.2f}x (pairs: {fmt_list(ratios(lp_pf, tf_pf), '.2f')}) "
         f"| target <= {TARGET_PREFILL} {verdict(r_pf <= TARGET_PREFILL)}")
+    contention("prefill", pairs_pf, ratios(lp_pf, tf_pf), "time")
 
     # ---- 4b. physical limits and the fractions reached ----------------------------------
     sample_limits()
@@ -309,11 +332,19 @@ def main() -> int:
 
     total_s = time.perf_counter() - t_start
     say(f"total wall time {total_s:.0f}s (load {load_s:.0f}s)")
+    noisy = {tag: d for tag, d in disturbed.items() if d[0]}
+    if noisy:
+        say(f"WARNING: other processes took more than {100 * QUIET:.0f}% of the CPUs during some timed calls "
+            f"({', '.join(f'{t}: {d[0]} of {d[1]} pairs' for t, d in noisy.items())}); a disturbed pair's "
+            f"ratio is not trustworthy. Rerun on a quiet machine before quoting these figures.")
+    noise = ("quiet: no pair disturbed" if not noisy else
+             "NOISY: disturbed pairs " + ", ".join(f"{t} {d[0]}/{d[1]}" for t, d in noisy.items()))
     quick = " [QUICK smoke run]" if args.quick else ""
     say(f"decode.py: b1 {r_b1:.2f}x tf (target {TARGET_B1}x {verdict(r_b1 >= TARGET_B1)}) | "
         f"c32 {r_c32:.2f}x tf (target {TARGET_C32}x {verdict(r_c32 >= TARGET_C32)}) | "
         f"prefill{prefill_len} {r_pf:.2f}x tf time (target <={TARGET_PREFILL} {verdict(r_pf <= TARGET_PREFILL)}) | "
-        f"b1 {100 * frac_b1:.0f}% of bandwidth floor | c32 {100 * frac_c:.0f}% of matmul floor{quick}")
+        f"b1 {100 * frac_b1:.0f}% of bandwidth floor | c32 {100 * frac_c:.0f}% of matmul floor | "
+        f"{noise}{quick}")
     return 0
 
 
