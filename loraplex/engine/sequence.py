@@ -101,10 +101,6 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_uncomputed_tokens > 1
-
     def token_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""
         n = len(self.prompt_token_ids)

@@ -133,7 +133,3 @@ class AdapterCache:
         """Slots whose weights the model runner must copy in before the next forward."""
         loads, self._pending_loads = self._pending_loads, []
         return loads
-
-    @property
-    def num_active(self) -> int:
-        return sum(1 for owner in self.slot_owner if owner is not None)

@@ -54,10 +54,6 @@ class LoRAStack:
         if groups:
             add_lora(out, x, groups, self.a_stack, self.b_stack, len(self.slice_names))
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a_stack, self.b_stack))
-
 
 def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list[dict[str, LoRAStack]]:
     """Give every LoRA-capable projection of ``model`` its slots; returns them per layer."""
