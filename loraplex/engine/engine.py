@@ -8,18 +8,22 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 
 import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from loraplex.engine.stop import check_stop, is_stop_token, take_streamable_text
+from loraplex.lora.adapter import LoRAAdapter, load_adapter
+from loraplex.lora.auto_merge import AutoMergePolicy
 from loraplex.lora.cache import AdapterCache
+from loraplex.lora.merge import LiveMerge
 from loraplex.lora.request import LoRARequest
-from loraplex.models.loader import load_model, read_arch
+from loraplex.models.loader import CheckpointReader, load_model, read_arch
 from loraplex.models.registry import resolve_model
 from loraplex.models.tokenizer import Tokenizer
 from loraplex.sampling import SamplingParams
@@ -37,6 +41,11 @@ class LLMEngine:
         self.arch = read_arch(self.model_path)
         self.tokenizer = Tokenizer(self.model_path)
         model = load_model(self.model_path, self.dtype, self.device)
+        self.merged_adapter: LoRAAdapter | None = None  # merged for good (dedicated)
+        if mc.merge is not None:
+            # Offline there are no slots, so no rank limit; the base copies are dropped.
+            self.merged_adapter = load_adapter(mc.merge, self.arch, max_lora_rank=1 << 20)
+            LiveMerge(model, CheckpointReader(self.model_path), [self.merged_adapter])
         model.pack_weights()
 
         cc = config.cache
@@ -52,6 +61,10 @@ class LLMEngine:
                                   lc.max_loras, lc.max_lora_rank)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.auto_merge = (AutoMergePolicy(lc.auto_merge_share, lc.auto_merge_window)
+                           if lc.auto_merge else None)
+        self.auto_merged: LoRAAdapter | None = None  # merged now by auto-merge
+        self._checkpoint = CheckpointReader(self.model_path) if lc.auto_merge else None
         logger.info("loaded %s (%s, %s) with %d KV blocks; max_model_len %d", self.model_path,
                     self.dtype, self.device, num_blocks, self.max_model_len)
 
@@ -132,6 +145,8 @@ class LLMEngine:
                 return failed
             time.sleep(0.001)  # only adapter loads are in flight
             return failed
+        if self.auto_merge is not None:
+            self._auto_merge_step(batch)
         if self.adapters is not None:
             self.runner.load_adapters(self.adapters.take_pending_loads())
         sampled = self.runner.execute(batch)
@@ -141,6 +156,37 @@ class LLMEngine:
         now = time.monotonic()
         return failed + [self._append_token(seq, token_id, logprob, now)
                          for seq, token_id, logprob in sampled]
+
+    def _auto_merge_step(self, batch: ScheduledBatch) -> None:
+        """Count this step's tokens by adapter; merge or unmerge when the policy says so."""
+        tokens: Counter[str | None] = Counter()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            tokens[seq.adapter.content_hash if seq.adapter is not None else None] += n
+        self.auto_merge.observe(tokens)
+        current = self.auto_merged.content_hash if self.auto_merged is not None else None
+        wanted = self.auto_merge.wanted(current)
+        if wanted == current:
+            return
+        adapter = self.adapters.host.get(wanted) if wanted is not None else None
+        if wanted is not None and (adapter is None or not self.adapters.can_activate(adapter)):
+            return  # evicted from host memory, or every slot is busy: try again later
+        stats = self.adapters.stats
+        if self.auto_merged is not None:
+            slot = self.runner.merged_slot
+            self.runner.unmerge_adapter()
+            self.adapters.release(slot)
+            stats.unmerges += 1
+            logger.info("auto-merge: unmerged %s", self.auto_merged.name)
+            self.auto_merged = None
+        if adapter is not None:
+            slot = self.adapters.activate(adapter)  # held while merged: the unmerge path reads it
+            self.runner.load_adapters(self.adapters.take_pending_loads())
+            self.runner.merge_adapter(slot, adapter, self._checkpoint)
+            self.auto_merged = adapter
+            stats.merges += 1
+            logger.info("auto-merge: merged %s (it held at least %.0f%% of the last %d steps' "
+                        "tokens)", adapter.name, 100 * self.auto_merge.share, self.auto_merge.window)
+        self.auto_merge.switched()
 
     def _collect_adapter_loads(self) -> list[RequestOutput]:
         """Hand finished adapter loads to their waiting sequences; fail those whose
