@@ -63,8 +63,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self.auto_merge = (AutoMergePolicy(lc.auto_merge_share, lc.auto_merge_window)
                            if lc.auto_merge else None)
-        self.auto_merged: LoRAAdapter | None = None  # merged now by auto-merge
-        self._checkpoint = CheckpointReader(self.model_path) if lc.auto_merge else None
+        self.live_merged: LoRAAdapter | None = None  # merged at run time (merge_lora or auto-merge)
+        self._checkpoint: CheckpointReader | None = None  # base values for run-time merges
         logger.info("loaded %s (%s, %s) with %d KV blocks; max_model_len %d", self.model_path,
                     self.dtype, self.device, num_blocks, self.max_model_len)
 
@@ -157,35 +157,63 @@ class LLMEngine:
         return failed + [self._append_token(seq, token_id, logprob, now)
                          for seq, token_id, logprob in sampled]
 
+    # ---- run-time merge ------------------------------------------------------------------
+
+    def merge_lora(self, lora: LoRARequest) -> None:
+        """Merge ``lora`` into the live weights: its requests then run at base speed, all
+        others stay exact (its delta is taken out for them). Undo with ``unmerge_lora``;
+        with ``auto_merge`` on, the policy may undo it too."""
+        if self.adapters is None:
+            raise ValueError("lora: run-time merging needs LoRA serving on (max_loras >= 1)")
+        adapter = self.adapters.load_now(lora)
+        if self.live_merged is not None and self.live_merged.content_hash == adapter.content_hash:
+            return
+        if not self.adapters.can_activate(adapter):
+            raise ValueError(f"lora: {lora.name!r} cannot be merged now: every adapter slot "
+                             "is held by running requests")
+        self.unmerge_lora()
+        self._merge(adapter)
+
+    def unmerge_lora(self) -> None:
+        """Restore the base weights bit for bit (no-op when nothing is merged)."""
+        if self.live_merged is None:
+            return
+        slot = self.runner.merged_slot
+        self.runner.unmerge_adapter()
+        self.adapters.release(slot)
+        self.adapters.stats.unmerges += 1
+        logger.info("unmerged adapter %s", self.live_merged.name)
+        self.live_merged = None
+
+    def _merge(self, adapter: LoRAAdapter) -> None:
+        slot = self.adapters.activate(adapter)  # held while merged: the unmerge path reads it
+        self.runner.load_adapters(self.adapters.take_pending_loads())
+        if self._checkpoint is None:
+            self._checkpoint = CheckpointReader(self.model_path)
+        self.runner.merge_adapter(slot, adapter, self._checkpoint)
+        self.live_merged = adapter
+        self.adapters.stats.merges += 1
+        logger.info("merged adapter %s into the weights", adapter.name)
+
     def _auto_merge_step(self, batch: ScheduledBatch) -> None:
         """Count this step's tokens by adapter; merge or unmerge when the policy says so."""
         tokens: Counter[str | None] = Counter()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             tokens[seq.adapter.content_hash if seq.adapter is not None else None] += n
         self.auto_merge.observe(tokens)
-        current = self.auto_merged.content_hash if self.auto_merged is not None else None
+        current = self.live_merged.content_hash if self.live_merged is not None else None
         wanted = self.auto_merge.wanted(current)
         if wanted == current:
             return
         adapter = self.adapters.host.get(wanted) if wanted is not None else None
         if wanted is not None and (adapter is None or not self.adapters.can_activate(adapter)):
             return  # evicted from host memory, or every slot is busy: try again later
-        stats = self.adapters.stats
-        if self.auto_merged is not None:
-            slot = self.runner.merged_slot
-            self.runner.unmerge_adapter()
-            self.adapters.release(slot)
-            stats.unmerges += 1
-            logger.info("auto-merge: unmerged %s", self.auto_merged.name)
-            self.auto_merged = None
+        logger.info("auto-merge: %s (share threshold %.2f, window %d steps)",
+                    f"merging {adapter.name}" if adapter else "unmerging",
+                    self.auto_merge.share, self.auto_merge.window)
+        self.unmerge_lora()
         if adapter is not None:
-            slot = self.adapters.activate(adapter)  # held while merged: the unmerge path reads it
-            self.runner.load_adapters(self.adapters.take_pending_loads())
-            self.runner.merge_adapter(slot, adapter, self._checkpoint)
-            self.auto_merged = adapter
-            stats.merges += 1
-            logger.info("auto-merge: merged %s (it held at least %.0f%% of the last %d steps' "
-                        "tokens)", adapter.name, 100 * self.auto_merge.share, self.auto_merge.window)
+            self._merge(adapter)
         self.auto_merge.switched()
 
     def _collect_adapter_loads(self) -> list[RequestOutput]:

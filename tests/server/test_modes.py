@@ -72,8 +72,8 @@ def test_auto_merge_is_counted_and_changes_no_output(start_server: Callable, ser
         got = {name: [client.completions.create(model=name, prompt=p, max_tokens=8, **GREEDY)
                       .choices[0].text for p in PROMPTS * 2] for name in ("alpha", "beta")}
         metrics = server.metrics()
-        assert metrics['loraplex:adapter_auto_merges_total{action="merge"}'] >= 2
-        assert metrics['loraplex:adapter_auto_merges_total{action="unmerge"}'] >= 1
+        assert metrics['loraplex:adapter_runtime_merges_total{action="merge"}'] >= 2
+        assert metrics['loraplex:adapter_runtime_merges_total{action="unmerge"}'] >= 1
     finally:
         server.stop()
     offline = LLM(str(server_base), **ENGINE_OPTIONS)
