@@ -41,21 +41,31 @@ def module_delta(adapters: Sequence[LoRAAdapter], weights: Sequence[float],
     delta = None
     for adapter, weight in zip(adapters, weights):
         module = adapter.modules.get(key)
-        if module is not None:
-            d = (module.b @ module.a).mul_(weight)
-            delta = d if delta is None else delta.add_(d)
+        if module is None:
+            continue
+        if delta is None:
+            delta = module.b @ module.a
+            if weight != 1.0:
+                delta.mul_(weight)
+        else:
+            delta.addmm_(module.b, module.a, alpha=weight)
     return delta
 
 
 def merged_weight(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype,
                   what: str) -> torch.Tensor:
-    """round_to_dtype(base + delta), computed in float32; refuses a non-finite result."""
-    merged = base.to(device=delta.device, dtype=torch.float32) + delta
-    merged = merged.to(dtype)
-    if not torch.isfinite(merged).all():
+    """round_to_dtype(base + delta), summed in float32 (in ``delta``'s buffer); refuses a
+    non-finite result."""
+    return check_finite(delta.add_(base.to(delta.device, torch.float32)).to(dtype), what)
+
+
+def check_finite(weight: torch.Tensor, what: str) -> torch.Tensor:
+    # One float32 sum is finite whenever every element is (short of sums near 3e38, which
+    # then take the exact check): much cheaper than an elementwise test on bf16.
+    if not torch.isfinite(weight.sum(dtype=torch.float32)) and not torch.isfinite(weight).all():
         raise ValueError(f"merge: {what} holds NaN or Inf once the adapters' delta is added "
-                         f"(in {dtype}); nothing was merged")
-    return merged
+                         f"(in {weight.dtype}); nothing was merged")
+    return weight
 
 
 class LiveMerge:
@@ -86,11 +96,14 @@ class LiveMerge:
         if all(d is None for d in deltas):
             return
         bases = [checkpoint.get(hf_weight_name(layer, m)) for m in slices]
-        # The fused weight is the slices stacked by rows: [sum(out_i), in].
-        base = torch.cat(bases)
-        delta = torch.cat([d if d is not None else torch.zeros(b.shape) for b, d in zip(bases, deltas)])
-        merged = merged_weight(base, delta.to(linear.weight.device), dtype,
-                               f"layer {layer} {'+'.join(slices)}")
+        # The fused weight is the slices stacked by rows: [sum(out_i), in], float32.
+        fused = torch.cat(bases).to(linear.weight.device, torch.float32)
+        row = 0
+        for base, delta in zip(bases, deltas):
+            if delta is not None:
+                fused[row:row + base.shape[0]] += delta.to(fused.device)
+            row += base.shape[0]
+        merged = check_finite(fused.to(dtype), f"layer {layer} {'+'.join(slices)}")
         was_packed = linear.is_packed
         self._replaced.append((linear, *linear.swap_weight(nn.Parameter(merged, requires_grad=False),
                                                             is_packed=False)))
