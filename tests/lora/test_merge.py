@@ -214,14 +214,14 @@ def test_unmerge_mapping_takes_the_merged_delta_out() -> None:
     base = torch.randn(len(token_slots), sum(outs), generator=g, dtype=torch.float64)
 
     merged = base.clone()  # as if slot 1's delta were in the weights: every token has it
-    add_lora_reference(merged, x, [1] * len(token_slots), ranks, stack.a_stack, stack.b_stack, outs)
+    add_lora_reference(merged, x, [1] * len(token_slots), ranks, stack.a_flat, stack.b_flat, outs)
     mapping = LoRAMapping.build(token_slots, ranks, torch.device("cpu"), merged_slot=1)
     assert [g.slots for g in mapping.unmerge_groups] == [[1]]
     assert mapping.unmerge_groups[0].rows.tolist() == [0, 2, 4, 5, 8]
     stack.apply(merged, x, mapping)
 
     expected = base.clone()
-    add_lora_reference(expected, x, token_slots, ranks, stack.a_stack, stack.b_stack, outs)
+    add_lora_reference(expected, x, token_slots, ranks, stack.a_flat, stack.b_flat, outs)
     torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-10)
 
 
