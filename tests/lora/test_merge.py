@@ -23,30 +23,12 @@ from loraplex.lora.merge import merge_to_folder
 from loraplex.lora.ops import LoRAMapping, add_lora_reference
 from loraplex.models.linear import Linear
 
+from .conftest import hf_model, make_adapter
+
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_IDS = [[17, 4033, 288, 1029, 9521, 30, 5], [1640, 314, 216, 2250, 11, 27]]
-
-
-def hf_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def make_adapter(base: Path, folder: Path, seed: int, b_std: float, **lora_kwargs: Any) -> Path:
-    """A real PEFT adapter whose lora_B is random (PEFT starts it at zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(hf_model(base), LoraConfig(**lora_kwargs))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, b_std)
-    peft_model.save_pretrained(folder)
-    return folder
 
 
 @torch.no_grad()
