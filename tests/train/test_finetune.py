@@ -161,3 +161,21 @@ def test_output_loads_in_peft_and_loraplex_with_equal_greedy_outputs(
         assert list(base_out.token_ids) == peft_greedy(prompt, False)
     # The adapter changes what the model says, so the comparison above tests it.
     assert [list(o.token_ids) for o in outs] != [list(o.token_ids) for o in base_outs]
+
+
+def test_cli_finetune_writes_the_adapter_and_says_how_to_serve_it(
+        tiny: Path, task_files: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from loraplex import cli
+
+    out = tmp_path / "cli-adapter"
+    code = cli.main(["finetune", "--model", str(tiny), "--data", str(task_files[0]), "--eval",
+                     str(task_files[1]), "--out", str(out), "--steps", "3", "--rank", "2",
+                     "--targets", "q,v", "--lr", "1e-2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "finetune: 100%" in captured.err and "tok_s=" in captured.err  # the progress bar
+    assert "epoch 1 (step 3): train loss " in captured.out
+    assert f"{out}: PEFT adapter after 3 steps; eval loss " in captured.out
+    assert f"--adapter cli-adapter={out}" in captured.out
+    assert (out / "adapter_model.safetensors").is_file()
