@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def train_demo_adapter(task: str, out: Path, model: str = "smollm2-135m",
                        show_progress: bool = True) -> Path:
     from loraplex.train.config import FinetuneConfig
     from loraplex.train.demo_data import make_examples, write_jsonl
+    from loraplex.train.files import atomic_write
     from loraplex.train.finetune import ADAPTER_FILES, finetune
 
     with tempfile.TemporaryDirectory(prefix=f"demo-{task}-") as tmp:
@@ -38,10 +38,9 @@ def train_demo_adapter(task: str, out: Path, model: str = "smollm2-135m",
         config = FinetuneConfig(data=str(train), eval=str(held_out), out=str(Path(tmp) / "adapter"),
                                 model=model, **RECIPE)
         result = finetune(config, show_progress=show_progress)
-        out.mkdir(parents=True, exist_ok=True)
         for name in ADAPTER_FILES:
-            shutil.copy(result.out / name, Path(tmp) / f"{name}.new")
-            os.replace(Path(tmp) / f"{name}.new", out / name)
+            data = (result.out / name).read_bytes()
+            atomic_write(out / name, lambda path: Path(path).write_bytes(data))
     losses = [h["eval_loss"] for h in result.history]
     print(f"{out}: {task}, eval loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
           f"{(out / ADAPTER_FILES[0]).stat().st_size / 1e6:.1f} MB")

@@ -12,14 +12,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loraplex.train.files import atomic_write
 
 SPLITS = ("train", "eval")
 _EVAL_PERCENT = 20  # share of all possible prompts that belong to the eval split
@@ -148,18 +148,8 @@ def make_examples(task: str, num_examples: int, split: str = "train",
 
 def write_jsonl(records: list[dict[str, Any]], out: str | Path) -> Path:
     """Write one JSON object a line, atomically (temp file + rename)."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return atomic_write(out, lambda path: Path(path).write_text(text, encoding="utf-8"))
 
 
 def cmd_demo_data(args: Any) -> int:

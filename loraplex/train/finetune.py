@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraplex.train.checkpoint import (CHECKPOINT_FILE, atomic_write, file_sha256,
-                                       load_checkpoint, save_checkpoint)
+from loraplex.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from loraplex.train.config import FinetuneConfig
 from loraplex.train.data import IGNORE_INDEX, Example, collate, load_examples, make_batches
+from loraplex.train.files import atomic_write, file_sha256
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 LOG_FILE = "finetune_log.json"
@@ -103,7 +103,8 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, float], None] | Non
     fingerprint = {**dataclasses.asdict(config), "model": str(model_path),
                    "data": file_sha256(config.data),
                    "eval": file_sha256(config.eval) if config.eval else None}
-    del fingerprint["out"], fingerprint["save_every"]  # neither changes the result
+    for key in ("out", "save_every", "save_dtype"):  # none changes the training itself
+        del fingerprint[key]
     state = load_checkpoint(out, fingerprint)  # before the model loads: a refusal is instant
 
     model = _lora_model(config, model_path)
@@ -215,7 +216,8 @@ def _write_adapter(model: Any, config: FinetuneConfig, out: Path) -> None:
         adapter_config["base_model_name_or_path"] = config.model  # as the user named it
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         for name in ADAPTER_FILES:
-            (Path(tmp) / name).replace(out / name)
+            data = (Path(tmp) / name).read_bytes()
+            atomic_write(out / name, lambda path: Path(path).write_bytes(data))
 
 
 def cmd_finetune(args: Any) -> int:

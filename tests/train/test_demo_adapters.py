@@ -27,7 +27,8 @@ def test_demo_adapter_beats_the_base_on_held_out_prompts(llm_f32, task: str) -> 
     examples = make_examples(task, NUM_HELD_OUT, "eval", seed=11)  # prompts never trained on
     prompts = [llm_f32.tokenizer.apply_chat_template(e["messages"][:1]) for e in examples]
     answers = [e["messages"][1]["content"] for e in examples]
-    params = SamplingParams(max_tokens=40, temperature=0)
+    # Room for the whole answer (~30 tokens of JSON, ~8 of a date) and its end token.
+    params = SamplingParams(max_tokens={"json-record": 36, "iso-date": 12}[task], temperature=0)
     adapter = LoRARequest(task, str(ADAPTERS / task))
     base_outs = llm_f32.generate(prompts, params)
     tuned_outs = llm_f32.generate(prompts, params, lora=adapter)
@@ -42,15 +43,16 @@ def test_demo_adapter_greedy_output_equals_peft(llm_f32, default_model_path: Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    task = "json-record"
+    task = "iso-date"
     examples = make_examples(task, 2, "eval", seed=12)
     prompts = [llm_f32.tokenizer.apply_chat_template(e["messages"][:1]) for e in examples]
-    outs = llm_f32.generate(prompts, SamplingParams(max_tokens=32, temperature=0),
+    outs = llm_f32.generate(prompts, SamplingParams(max_tokens=16, temperature=0),
                             lora=LoRARequest(task, str(ADAPTERS / task)))
     # A fresh base: PeftModel injects its layers into the model it wraps.
     base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, ADAPTERS / task).eval()
     for prompt, out in zip(prompts, outs):
-        generated = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=32,
+        generated = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=16,
                                         do_sample=False)[0, len(prompt):].tolist()
         assert list(out.token_ids) == generated
+        assert out.finish_reason == "stop"  # the whole answer, up to the end-of-turn token

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraplex.train.checkpoint import CHECKPOINT_FILE, atomic_write
+from loraplex.train.checkpoint import CHECKPOINT_FILE
+from loraplex.train.files import atomic_write
 from loraplex.train.config import FinetuneConfig
 from loraplex.train.data import collate, load_examples
 from loraplex.train.demo_data import make_examples, write_jsonl
