@@ -36,6 +36,7 @@ def accuracy(llm, task: str, examples: list[dict], adapter: str | None) -> int:
 
 
 def main() -> None:
+    import torch
     from train_demo_adapters import NUM_TRAIN, RECIPE
 
     from loraplex import LLM
@@ -68,7 +69,7 @@ def main() -> None:
           f"(r{recipe['rank']} {recipe['targets']}, float32) | eval loss {losses[0]:.3f} -> "
           f"{losses[-1]:.3f} | held-out accuracy base {base_correct}/{args.num_eval} -> adapter "
           f"{tuned_correct}/{args.num_eval} | train {result.tokens_per_second:.0f} tok/s, "
-          f"{wall:.0f} s with eval | threads {os.environ.get('OMP_NUM_THREADS', 'all')}")
+          f"{wall:.0f} s with eval | {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

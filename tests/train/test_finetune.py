@@ -180,3 +180,37 @@ def test_cli_finetune_writes_the_adapter_and_says_how_to_serve_it(
     assert f"{out}: PEFT adapter after 3 steps; eval loss " in captured.out
     assert f"--adapter cli-adapter={out}" in captured.out
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_ctrl_c_on_the_command_line_keeps_the_checkpoint(
+        tiny: Path, task_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """A real SIGINT to ``loraplex finetune``: exit 130, a message, a loadable checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sigint"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraplex", "finetune", "--model", str(tiny), "--data",
+         str(task_files[0]), "--out", str(out), "--steps", "100000", "--rank", "2",
+         "--save-every", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / CHECKPOINT_FILE).exists() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few more steps, so the signal may land in a step or a save
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted at step" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    state = torch.load(out / CHECKPOINT_FILE, weights_only=True)
+    assert state["step"] >= 1
+    assert [p.name for p in out.iterdir()] == [CHECKPOINT_FILE]  # no temp file left behind
