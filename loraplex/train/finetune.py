@@ -214,6 +214,8 @@ def _write_adapter(model: Any, config: FinetuneConfig, out: Path) -> None:
         config_path = Path(tmp) / ADAPTER_FILES[1]
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = config.model  # as the user named it
+        if isinstance(adapter_config.get("target_modules"), list):  # PEFT's set: random order
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         for name in ADAPTER_FILES:
             data = (Path(tmp) / name).read_bytes()
