@@ -74,6 +74,19 @@ def eval_loss(model: Any, examples: list[Example], batch_size: int, pad_token_id
     return total / max(count, 1)
 
 
+def train_step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               lr: float) -> tuple[float, int]:
+    """One optimizer step on the batch's mean token loss; (that loss, non-padding tokens)."""
+    model.train()
+    loss, num_loss_tokens = loss_sum(model, batch)
+    (loss / num_loss_tokens).backward()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()) / num_loss_tokens, int(batch["attention_mask"].sum())
+
+
 def learning_rate(peak: float, step: int, total_steps: int) -> float:
     """lr of the 0-based ``step``: linear warm-up over 10% (at most 20 steps), linear decay."""
     warmup = max(1, min(20, total_steps // 10))
@@ -142,18 +155,13 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, float], None] | Non
                 if step >= total_steps:
                     break
                 started = time.perf_counter()
-                model.train()
-                tensors = collate(batch, pad_token_id)
-                loss, n = loss_sum(model, tensors)
-                (loss / n).backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config.lr, step, total_steps)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                mean_loss, batch_tokens = train_step(
+                    model, optimizer, collate(batch, pad_token_id),
+                    learning_rate(config.lr, step, total_steps))
                 step += 1
                 seconds += time.perf_counter() - started
-                num_tokens += int(tensors["attention_mask"].sum())
-                epoch_losses.append(float(loss.detach()) / n)
+                num_tokens += batch_tokens
+                epoch_losses.append(mean_loss)
                 progress.update(1)
                 progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}",
                                      tok_s=f"{num_tokens / seconds:.0f}", refresh=False)
