@@ -196,7 +196,10 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, float], None] | Non
 
 
 def _lora_model(config: FinetuneConfig, model_path: Path) -> Any:
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ValueError("finetune needs the peft package: pip install 'loraplex[train]'") from e
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
