@@ -1,4 +1,4 @@
-"""Command line: ``loraplex serve | generate | merge | pull``.
+"""Command line: ``loraplex serve | generate | merge | finetune | demo-data | pull``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.config import CONFIG_PARTS, ServerConfig
+from loraplex.train.config import FinetuneConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_config_flags(parser: argparse.ArgumentParser, part: type) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=f.default, help=f.metadata["help"])
+        elif f.default is dataclasses.MISSING:  # a field without a default is a required flag
+            group.add_argument(flag, type=kind, required=True, help=f.metadata["help"])
         else:
             group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
 
@@ -111,6 +114,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from loraplex.train.finetune import cmd_finetune as run
+
+    return run(args)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from loraplex.train.demo_data import cmd_demo_data as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("name", nargs="?", default="smollm2-135m")
     pl.add_argument("--force", action="store_true", help="Convert again even if cached.")
     pl.set_defaults(func=cmd_pull)
+
+    ft = sub.add_parser("finetune", help="Fine-tune a LoRA adapter on a JSONL file into a PEFT "
+                        "folder (resumes a checkpoint in --out; Ctrl-C keeps it).")
+    add_config_flags(ft, FinetuneConfig)
+    ft.set_defaults(func=cmd_finetune)
+
+    dd = sub.add_parser("demo-data", help="Write a generated demo task as training JSONL.")
+    dd.add_argument("task", help="json-record (a sentence -> a JSON record) or iso-date "
+                    "(a date in 8 styles -> YYYY-MM-DD).")
+    dd.add_argument("--out", required=True, help="The JSONL file to write.")
+    dd.add_argument("--num-examples", type=int, default=400)
+    dd.add_argument("--split", default="train", help="train or eval: the two never share a prompt.")
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(func=cmd_demo_data)
     return parser
 
 
