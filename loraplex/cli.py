@@ -23,13 +23,18 @@ def add_config_flags(parser: argparse.ArgumentParser, part: type) -> None:
     """One flag per field of the config dataclass ``part``, with the field's help text."""
     group = parser.add_argument_group(part.__name__)
     for f in dataclasses.fields(part):
-        flag = "--" + f.name.replace("_", "-")
+        # metadata["flag"] overrides the flag's name; "repeat" makes it repeatable.
+        flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
         kind = _flag_type(f)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=f.default, help=f.metadata["help"])
+        elif f.metadata.get("repeat"):
+            group.add_argument(flag, dest=f.name, action="append", default=[],
+                               help=f.metadata["help"])
         else:
-            group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                               help=f.metadata["help"])
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

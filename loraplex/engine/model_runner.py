@@ -19,6 +19,7 @@ from loraplex.lora.ops import LoRAMapping
 from loraplex.models.attention import AttentionMetadata, PrefillChunk
 from loraplex.models.llama import LlamaModel
 from loraplex.sampling import TokenLogprob
+from loraplex.spec.verify import verify_drafts
 
 
 class ModelRunner:
@@ -47,30 +48,47 @@ class ModelRunner:
             self.slot_ranks[slot] = adapter.max_rank
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """Run one step; returns (sequence, sampled token, logprobs) for each that samples."""
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
-        seqs = [batch.seqs[i] for i in order]
-        counts = [batch.num_new_tokens[i] for i in order]
+    def execute(self, batch: ScheduledBatch
+                ) -> list[tuple[Sequence, list[int], list[TokenLogprob | None]]]:
+        """Run one step; returns, for each sequence that samples, its new tokens and their
+        logprobs: one token, or with draft tokens the accepted ones plus one more."""
+        seqs, counts, hidden = self.forward(batch.seqs, batch.num_new_tokens)
+        # The last row of each sequence that is now fully computed predicts its next token;
+        # a sequence with draft tokens has every row scored (last token + k drafts).
+        sampling, plain_rows, spec, rows, end = [], [], [], [], 0
+        for seq, n in zip(seqs, counts):
+            end += n
+            if seq.draft_token_ids:
+                spec.append((seq, len(rows), n))
+                rows += range(end - n, end)
+            elif seq.num_computed_tokens + n == seq.num_tokens:
+                sampling.append(seq)
+                plain_rows.append(len(rows))
+                rows.append(end - 1)
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        results = []
+        if sampling:
+            token_ids, logprobs = sample(logits[plain_rows] if spec else logits, sampling)
+            results += [(seq, [t], [lp]) for seq, t, lp in zip(sampling, token_ids, logprobs)]
+        for seq, first, n in spec:
+            results.append((seq, *verify_drafts(logits[first:first + n], seq)))
+        return results
+
+    def forward(self, seqs: list[Sequence], counts: list[int]
+                ) -> tuple[list[Sequence], list[int], torch.Tensor]:
+        """Compute ``counts[i]`` new tokens of each ``seqs[i]``; returns the sequences and
+        counts in batch order (decodes first) and the hidden states [N, hidden]."""
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)
+        seqs = [seqs[i] for i in order]
+        counts = [counts[i] for i in order]
         input_ids, positions, meta = self._prepare(seqs, counts)
         lora = None
         if any(seq.lora_slot >= 0 for seq in seqs):
             token_slots = [seq.lora_slot for seq, n in zip(seqs, counts) for _ in range(n)]
             lora = LoRAMapping.build(token_slots, self.slot_ranks, self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, lora)
-
-        # The last row of each sequence that is now fully computed predicts its next token.
-        sampling, rows, end = [], [], 0
-        for seq, n in zip(seqs, counts):
-            end += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                sampling.append(seq)
-                rows.append(end - 1)
-        if not sampling:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        token_ids, logprobs = sample(logits, sampling)
-        return list(zip(sampling, token_ids, logprobs))
+        return seqs, counts, self.model(input_ids, positions, self.kv_caches, meta, lora)
 
     def _prepare(self, seqs: list[Sequence], counts: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -82,7 +100,8 @@ class ModelRunner:
         decode_tables, decode_lens, prefills = [], [], []
         for seq, n in zip(seqs, counts):
             start = seq.num_computed_tokens
-            input_ids += seq.token_slice(start, start + n)
+            known = seq.token_slice(start, min(start + n, seq.num_tokens))
+            input_ids += known + seq.draft_token_ids[:n - len(known)]  # drafts follow the last token
             positions += range(start, start + n)
             table = seq.block_ids
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -122,3 +141,4 @@ class ModelRunner:
             prefills=chunks,
         )
         return (torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
+
