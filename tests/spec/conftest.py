@@ -59,3 +59,29 @@ def spy_steps(engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[A
 
     monkeypatch.setattr(engine.runner, "execute", spy)
     return steps
+
+
+def noisy_copy(src: Path, dst: Path, std: float, seed: int = 0) -> Path:
+    """A copy of the HF model folder ``src`` with Gaussian noise on its output head: a
+    draft that agrees with its target often, but not always (noise on every weight makes
+    a random model's predictions unrelated)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"] += std * torch.randn(tensors["lm_head.weight"].shape, generator=g)
+    save_file(tensors,
+              dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_vocab_pair(tiny_model: Callable[..., Path],
+                     tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny target whose model knows only the first 256 token ids (the tokenizer files
+    are the default model's; ids below 256 detokenize fine), and a noisy copy as draft."""
+    target = tiny_model(vocab_size=256)
+    return target, noisy_copy(target, tmp_path_factory.mktemp("noisy") / "draft", std=0.05)

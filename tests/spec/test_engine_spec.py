@@ -157,3 +157,48 @@ def test_real_model_ngram_equals_plain_decoding(llm_f32: LLM) -> None:
         assert out.text == ref.text
     stats = spec.engine.spec.stats[None]
     assert stats.num_accepted_tokens > 10
+
+
+@torch.no_grad()
+def test_sampled_tokens_follow_the_targets_distribution(
+        small_vocab_pair: tuple[Path, Path]) -> None:
+    """3 tokens sampled (temperature 0.8, top-k 3) from one prompt, 2000 times, with a
+    noisy copy of the target drafting 2 tokens: tokens 2 and 3 come from verification.
+    The 27 possible triples must follow the target's exact distribution, computed with
+    transformers: chi-square below df + 6 sqrt(2 df) (see test_verify.py), and nothing
+    outside the top 3 ever drawn."""
+    from transformers import AutoModelForCausalLM
+
+    target, draft = small_vocab_pair
+    prompt = [11, 245, 77, 190, 5]
+    params = SamplingParams(temperature=0.8, top_k=3, max_tokens=3, ignore_eos=True)
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+
+    def top3(context: list[int]) -> dict[int, float]:
+        logits = hf(torch.tensor([context])).logits[0, -1] / 0.8
+        values, ids = logits.topk(3)
+        return dict(zip(ids.tolist(), values.softmax(-1).tolist()))
+
+    exact: dict[tuple[int, ...], float] = {}
+    for a, pa in top3(prompt).items():
+        for b, pb in top3(prompt + [a]).items():
+            for c, pc in top3(prompt + [a, b]).items():
+                exact[(a, b, c)] = pa * pb * pc
+
+    torch.manual_seed(0)
+    num_samples = 2000
+    llm = LLM(str(target), dtype="float32", kv_cache_gib=0.05, max_num_seqs=256,
+              speculative=SpecConfig("draft", draft_model=str(draft), num_tokens=2,
+                                     max_batch_size=256))
+    outs = llm.generate([prompt] * num_samples, params)
+    counts: dict[tuple[int, ...], int] = {}
+    for out in outs:
+        counts[tuple(out.token_ids)] = counts.get(tuple(out.token_ids), 0) + 1
+    assert set(counts) <= set(exact)
+    stats = llm.engine.spec.stats[None]
+    assert stats.num_steps >= num_samples * 0.9  # nearly every request verified a draft
+    assert 0.2 < stats.acceptance_rate < 0.95  # both paths: accepted, and resampled
+    chi2 = sum((counts.get(t, 0) - num_samples * p) ** 2 / (num_samples * p)
+               for t, p in exact.items())
+    df = len(exact) - 1
+    assert chi2 < df + 6 * (2 * df) ** 0.5, f"chi2 {chi2:.1f}, df {df}"
