@@ -1,4 +1,4 @@
-"""Command line: ``loraplex serve | generate | pull``.
+"""Command line: ``loraplex serve | generate | train-draft | pull``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -93,6 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from loraplex.spec.train import DraftTrainConfig, train_draft
+
+    print(train_draft(config_from_args(DraftTrainConfig, args)).summary())
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from loraplex.models.registry import pull
 
@@ -123,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", default=None, help="A PEFT LoRA folder to apply (unmerged).")
     add_engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from loraplex.spec.train import DraftTrainConfig
+
+    td = sub.add_parser("train-draft", help="Distil a small draft model for a target (and "
+                        "adapter) for speculative decoding; reports acceptance before/after.")
+    add_config_flags(td, DraftTrainConfig)
+    td.set_defaults(func=cmd_train_draft)
 
     pl = sub.add_parser("pull", help="Convert an embedded model into the local cache now.")
     pl.add_argument("name", nargs="?", default="smollm2-135m")
