@@ -44,7 +44,6 @@ def test_train_draft_for_an_adapter(tiny_model, tmp_path: Path,
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith(f"train-draft: {out} (2 layers [0, 3])")
     report = json.loads((out / "draft_training.json").read_text())
-    print(report)
     assert report["last_loss"] < 0.5 * report["first_loss"]
     assert report["acceptance_after"] > report["acceptance_before"]
     assert report["tokens_per_step_after"] > 1
