@@ -4,7 +4,9 @@ The only engine module that touches tensors. Per step it copies newly activated 
 into their slots, then builds: the flat token ids and positions, the KV slot of each new
 token, the attention metadata (decodes first, then prefill chunks) and the LoRA mapping
 (token -> adapter slot); after the forward pass it computes logits only for the
-sequences whose last token was in this step, and samples from them.
+sequences whose last token was in this step, and samples from them. A sequence with draft
+tokens (speculative decoding) runs as a short prefill chunk of its last token + drafts;
+all its rows get logits, and spec/verify.py picks the tokens instead of the sampler.
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ or has no free slot (every slot pinned by running requests of other adapters), i
 skipped, not waited for, so the others keep flowing. A request skipped for more than
 ``max_lora_wait_steps`` steps stops all admissions that would pin a slot, so slots drain
 and it gets the next one: no request waits unboundedly.
+
+Speculative decoding: a running sequence with draft tokens (spec/decoder.py) is given one
+token more per draft, if the budget and the free blocks hold them all; otherwise its drafts
+are dropped and it decodes one token. Speculation never causes a preemption.
 """
 from __future__ import annotations
 
