@@ -23,7 +23,7 @@ the pairwise ratios of one round.
    tokens per verification step of the spec arms, from the engine's per-adapter stats.
 2. Concurrency 8 and 32: output tokens/s of the whole batch, spec arm / adapter arm.
    Target >= 1.0x: speculation must never make a batch slower (it switches itself off
-   above ``max_batch_size``).
+   above ``max_spec_seqs``).
 
 Not measured yet: the "adapter merged" row (merging is another engineer's work on main;
 add an arm ``LLM(model, merge=ADAPTER)`` once it lands).

@@ -147,13 +147,13 @@ class SpecConfig:
     num_tokens: int | None = field(default=None, metadata={
         "help": "Draft tokens per step; default: chosen per adapter from the measured "
                 "acceptance rate and draft cost.", "flag": "spec-tokens"})
-    max_num_tokens: int = field(default=6, metadata={
+    max_spec_tokens: int = field(default=6, metadata={
         "help": "Most draft tokens per step when they are chosen automatically.",
         "flag": "spec-max-tokens"})
-    max_batch_size: int = field(default=4, metadata={
+    max_spec_seqs: int = field(default=4, metadata={
         "help": "Speculation is off in steps where more sequences run than this (verifying "
                 "drafts costs compute a large batch no longer has to spare).",
-        "flag": "spec-max-batch"})
+        "flag": "spec-max-seqs"})
     ngram_max: int = field(default=4, metadata={
         "help": "Longest suffix n-gram that prompt lookup matches.", "flag": "ngram-max"})
     ngram_min: int = field(default=1, metadata={
@@ -170,10 +170,10 @@ class SpecConfig:
             raise ValueError(f"draft_model: given, but method is {self.method!r}, not 'draft'")
         if self.num_tokens is not None and not 1 <= self.num_tokens <= 32:
             raise ValueError(f"num_tokens: expected None (auto) or 1-32, got {self.num_tokens}")
-        if not 1 <= self.max_num_tokens <= 32:
-            raise ValueError(f"max_num_tokens: expected 1-32, got {self.max_num_tokens}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
+        if not 1 <= self.max_spec_tokens <= 32:
+            raise ValueError(f"max_spec_tokens: expected 1-32, got {self.max_spec_tokens}")
+        if self.max_spec_seqs < 1:
+            raise ValueError(f"max_spec_seqs: must be >= 1, got {self.max_spec_seqs}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram_min: expected 1 <= ngram_min <= ngram_max "
                              f"({self.ngram_max}), got {self.ngram_min}")

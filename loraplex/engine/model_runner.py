@@ -143,4 +143,3 @@ class ModelRunner:
             prefills=chunks,
         )
         return (torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)
-

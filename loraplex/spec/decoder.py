@@ -6,7 +6,7 @@ scores them all in one forward pass and verifies them (spec/verify.py), and the 
 reports back through ``record``. Requests without a proposer (an adapter with no draft
 model) decode in the same batch as usual.
 
-Speculation is off in steps where more than ``max_batch_size`` sequences run: there the
+Speculation is off in steps where more than ``max_spec_seqs`` sequences run: there the
 target's forward pass is bound by arithmetic, and verifying k drafts costs about k times
 more. With ``num_tokens`` unset, k is chosen per adapter (and proposer) to maximise the
 expected speedup (1 - a^(k+1)) / ((1 - a)(k c + 1)), where a is the measured acceptance
@@ -65,9 +65,9 @@ def expected_speedup(acceptance: float, num_tokens: int, cost_ratio: float) -> f
     return expected_tokens / (num_tokens * cost_ratio + 1)
 
 
-def best_num_tokens(acceptance: float, cost_ratio: float, max_num_tokens: int) -> int:
-    """The k in 0..max_num_tokens of the highest expected speedup (0: do not speculate)."""
-    return max(range(max_num_tokens + 1),
+def best_num_tokens(acceptance: float, cost_ratio: float, max_spec_tokens: int) -> int:
+    """The k in 0..max_spec_tokens of the highest expected speedup (0: do not speculate)."""
+    return max(range(max_spec_tokens + 1),
                key=lambda k: (expected_speedup(acceptance, k, cost_ratio), -k))
 
 
@@ -114,7 +114,7 @@ class SpecDecoder:
         groups: dict[int, tuple[Proposer, list[Sequence], list[int]]] = {}
         for seq in running:
             seq.draft_token_ids, seq.draft_probs = [], None
-        is_small_batch = len(running) <= self.config.max_batch_size
+        is_small_batch = len(running) <= self.config.max_spec_seqs
         for seq in running:
             proposer = self.proposer_for(seq)
             if proposer is None or seq.num_uncomputed_tokens != 1:
@@ -164,7 +164,7 @@ class SpecDecoder:
             return min(self.config.num_tokens, room)
         stats = self.stats_for(seq)
         k = best_num_tokens(stats.estimated_acceptance, self.cost_ratio(proposer),
-                            self.config.max_num_tokens)
+                            self.config.max_spec_tokens)
         if k == 0:
             stats.num_skipped_decisions += 1
             if stats.num_skipped_decisions >= _PROBE_EVERY:

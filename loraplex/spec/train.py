@@ -174,7 +174,7 @@ def measure_acceptance(target_path: Path, draft_path: Path, adapter: str | None,
     llm = LLM(str(target_path), dtype="float32", kv_cache_gib=0.25,
               num_threads=config.num_threads, max_lora_rank=64,
               speculative=SpecConfig("draft", draft_model=str(draft_path),
-                                     num_tokens=config.eval_tokens, max_batch_size=1024))
+                                     num_tokens=config.eval_tokens, max_spec_seqs=1024))
     lora = LoRARequest("adapter", adapter) if adapter else None
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=config.max_new_tokens),
                  lora=lora)

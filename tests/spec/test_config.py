@@ -16,8 +16,8 @@ from loraplex.spec.decoder import best_num_tokens, expected_speedup
     (dict(method="draft"), "draft_model"),
     (dict(method="ngram", draft_model="x"), "draft_model"),
     (dict(method="ngram", num_tokens=0), "num_tokens"),
-    (dict(method="ngram", max_num_tokens=99), "max_num_tokens"),
-    (dict(method="ngram", max_batch_size=0), "max_batch_size"),
+    (dict(method="ngram", max_spec_tokens=99), "max_spec_tokens"),
+    (dict(method="ngram", max_spec_seqs=0), "max_spec_seqs"),
     (dict(method="ngram", ngram_min=3, ngram_max=2), "ngram_min"),
     (dict(method="draft", draft_for=("a/path",)), "draft_for"),
     (dict(method="draft", draft_for=("a=x", "a=y")), "draft_for"),
@@ -35,9 +35,9 @@ def test_draft_for_accepts_a_mapping_or_cli_strings() -> None:
 def test_cli_flags_build_the_spec_config() -> None:
     args = build_parser().parse_args([
         "serve", "--spec", "draft", "--draft", "/d", "--draft-for", "bot=/bot-draft",
-        "--draft-for", "other=/o", "--spec-tokens", "3", "--spec-max-batch", "2"])
+        "--draft-for", "other=/o", "--spec-tokens", "3", "--spec-max-seqs", "2"])
     spec = EngineConfig.from_flat(**engine_options(args)).spec
-    assert spec == SpecConfig("draft", draft_model="/d", num_tokens=3, max_batch_size=2,
+    assert spec == SpecConfig("draft", draft_model="/d", num_tokens=3, max_spec_seqs=2,
                               draft_for={"bot": "/bot-draft", "other": "/o"})
     off = EngineConfig.from_flat(**engine_options(build_parser().parse_args(["serve"]))).spec
     assert not off.is_enabled

@@ -71,7 +71,7 @@ def test_ngram_greedy_equals_plain_decoding_in_mixed_batches(
     # and sequences are preempted and recomputed.
     kv_gib = 0.01 if kv == "roomy" else 10.5 * KV_BLOCK_GIB
     llm = LLM(str(tiny_target), dtype="float32", kv_cache_gib=kv_gib,
-              speculative=SpecConfig("ngram", num_tokens=3, max_batch_size=8))
+              speculative=SpecConfig("ngram", num_tokens=3, max_spec_seqs=8))
     steps = spy_steps(llm.engine, monkeypatch)
     preempted = []
     schedule = llm.engine.scheduler.schedule
@@ -103,7 +103,7 @@ def test_draft_models_shared_and_per_adapter_equal_plain_decoding(
     llm = LLM(str(tiny_target), dtype="float32", kv_cache_gib=0.01,
               speculative=SpecConfig("draft", draft_model=str(tiny_target),
                                      draft_for={"b": str(tinier_draft)}, num_tokens=3,
-                                     max_batch_size=8))
+                                     max_spec_seqs=8))
     outs = llm.generate(prompts(), params(), lora=lora_requests(tiny_adapters))
     assert_same_outputs(outs, reference)
 
@@ -126,8 +126,8 @@ def test_automatic_num_tokens_and_large_batches(
         tiny_target: Path, tiny_adapters: dict[str, Path], reference: list[Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
     llm = LLM(str(tiny_target), dtype="float32", kv_cache_gib=0.01,
-              speculative=SpecConfig("draft", draft_model=str(tiny_target), max_batch_size=3,
-                                     max_num_tokens=5))
+              speculative=SpecConfig("draft", draft_model=str(tiny_target), max_spec_seqs=3,
+                                     max_spec_tokens=5))
     steps = spy_steps(llm.engine, monkeypatch)
     outs = llm.generate(prompts(), params(), lora=lora_requests(tiny_adapters))
     assert_same_outputs(outs, reference)
@@ -189,7 +189,7 @@ def test_sampled_tokens_follow_the_targets_distribution(
     num_samples = 2000
     llm = LLM(str(target), dtype="float32", kv_cache_gib=0.05, max_num_seqs=256,
               speculative=SpecConfig("draft", draft_model=str(draft), num_tokens=2,
-                                     max_batch_size=256))
+                                     max_spec_seqs=256))
     outs = llm.generate([prompt] * num_samples, params)
     counts: dict[tuple[int, ...], int] = {}
     for out in outs:
