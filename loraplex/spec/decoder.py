@@ -10,7 +10,9 @@ Speculation is off in steps where more than ``max_spec_seqs`` sequences run: the
 target's forward pass is bound by arithmetic, and verifying k drafts costs about k times
 more. With ``num_tokens`` unset, k is chosen per adapter (and proposer) to maximise the
 expected speedup (1 - a^(k+1)) / ((1 - a)(k c + 1)), where a is the measured acceptance
-rate and c the measured cost of one draft token relative to one target step.
+rate and c the measured cost of one more draft position relative to a plain target step:
+the proposer's own time (nothing for the n-gram lookup) plus the target's extra time to
+verify one more token per running sequence, both measured from the engine's steps.
 """
 from __future__ import annotations
 
@@ -71,6 +73,10 @@ def best_num_tokens(acceptance: float, cost_ratio: float, max_spec_tokens: int) 
                key=lambda k: (expected_speedup(acceptance, k, cost_ratio), -k))
 
 
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else _DECAY * old + (1 - _DECAY) * new
+
+
 class SpecDecoder:
     def __init__(self, config: SpecConfig, target_path: Path, target_arch: ModelArch,
                  device: torch.device, dtype: torch.dtype, num_blocks: int,
@@ -93,10 +99,15 @@ class SpecDecoder:
             self.shared = draft(config.draft_model)
         self.by_adapter: dict[str, Proposer] = {name: draft(path)
                                                 for name, path in config.draft_for}
-        # Running costs, seconds: one target step, and one draft token per proposer.
-        self.target_step_s: float | None = None
+        # Running costs, seconds: a target step without drafts, the target's extra time
+        # per draft token it verifies, and per proposer one draft position (all its
+        # sequences at once).
+        self.plain_step_s: float | None = None
+        self.verify_token_s: float | None = None
         self.draft_token_s: dict[int, float] = {}
         self._last_step_start: float | None = None
+        self._last_num_drafts = 0
+        self._num_running = 1
 
     def proposer_for(self, seq: Sequence) -> Proposer | None:
         if seq.lora is not None and seq.lora.name in self.by_adapter:
@@ -107,8 +118,9 @@ class SpecDecoder:
         """Set this step's draft tokens of the running sequences that speculate."""
         now = time.perf_counter()
         if self._last_step_start is not None:  # the last step, minus its own proposing
-            self._observe_target(now - self._last_step_start)
+            self._observe_step(now - self._last_step_start, self._last_num_drafts)
         self._last_step_start = now
+        self._num_running = max(1, len(running))
         for proposer in self._all_proposers():
             proposer.release_finished()
         groups: dict[int, tuple[Proposer, list[Sequence], list[int]]] = {}
@@ -130,10 +142,9 @@ class SpecDecoder:
             elapsed = time.perf_counter() - start
             self._last_step_start += elapsed
             if proposer.is_model:  # the n-gram lookup costs nothing worth modelling
-                per_token = elapsed / max(ks)
-                old = self.draft_token_s.get(id(proposer))
-                self.draft_token_s[id(proposer)] = (per_token if old is None
-                                                    else _DECAY * old + (1 - _DECAY) * per_token)
+                self.draft_token_s[id(proposer)] = _ema(self.draft_token_s.get(id(proposer)),
+                                                        elapsed / max(ks))
+        self._last_num_drafts = sum(len(seq.draft_token_ids) for seq in running)
 
     def record(self, seq: Sequence, num_accepted: int) -> None:
         """Book one verification of ``seq``'s drafts; clears them."""
@@ -171,20 +182,27 @@ class SpecDecoder:
                 stats.num_skipped_decisions, k = 0, 1
         return min(k, room)
 
-    def cost_ratio(self, proposer: Proposer) -> float:
-        """c: one draft token's cost over one target step (0 for the n-gram lookup)."""
-        if not proposer.is_model:
-            return 0.0
-        draft_s = self.draft_token_s.get(id(proposer))
-        if draft_s is None or not self.target_step_s:
-            return 0.1  # before any measurement: a draft about a tenth of the target
-        return draft_s / self.target_step_s
+    def cost_ratio(self, proposer: Proposer, num_seqs: int | None = None) -> float:
+        """c: what one more draft position costs relative to a plain target step: the
+        proposer's time for it, plus the target's time to verify one more token for each
+        of the ``num_seqs`` running sequences (default: as many as in this step)."""
+        num_seqs = self._num_running if num_seqs is None else num_seqs
+        plain = self.plain_step_s
+        if plain is None:  # before any measurement: a draft a tenth of the target
+            return 0.1 if proposer.is_model else 0.02
+        draft_s = self.draft_token_s.get(id(proposer), 0.1 * plain) if proposer.is_model else 0.0
+        verify_s = self.verify_token_s if self.verify_token_s is not None else 0.02 * plain
+        return (draft_s + num_seqs * verify_s) / plain
 
-    def _observe_target(self, seconds: float) -> None:
-        old = self.target_step_s
-        if old is not None and seconds > 5 * old:
+    def _observe_step(self, seconds: float, num_drafts: int) -> None:
+        """One target step took ``seconds`` while verifying ``num_drafts`` draft tokens."""
+        plain = self.plain_step_s
+        if plain is not None and seconds > 5 * plain * (1 + num_drafts):
             return  # the engine sat idle between two calls: not a step's cost
-        self.target_step_s = seconds if old is None else _DECAY * old + (1 - _DECAY) * seconds
+        if num_drafts == 0:
+            self.plain_step_s = _ema(plain, seconds)
+        elif plain is not None:
+            self.verify_token_s = _ema(self.verify_token_s, max(0.0, seconds - plain) / num_drafts)
 
     def _all_proposers(self) -> list[Proposer]:
         unique = {id(p): p for p in (self.shared, *self.by_adapter.values()) if p is not None}

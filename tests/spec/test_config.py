@@ -78,3 +78,51 @@ def test_choice_of_k_follows_the_expected_speedup() -> None:
     assert best_num_tokens(0.05, 0.3, 6) == 0  # rarely right and costly: do not speculate
     assert 0 < best_num_tokens(0.8, 0.1, 8) < 8
     assert best_num_tokens(0.8, 0.1, 8) == max(range(9), key=lambda g: expected_speedup(0.8, g, 0.1))
+
+
+def test_cost_ratio_comes_from_the_measured_steps() -> None:
+    from loraplex.spec.decoder import SpecDecoder
+
+    spec = SpecDecoder(SpecConfig("ngram"), None, None, None, None, 16, 16)
+    proposer = spec.shared
+    assert spec.cost_ratio(proposer, 1) == 0.02  # nothing measured yet
+    for _ in range(200):  # plain steps of 100 ms, steps verifying 4 drafts of 120 ms
+        spec._observe_step(0.100, 0)
+        spec._observe_step(0.120, 4)
+    spec._observe_step(30.0, 0)  # the engine sat idle: ignored
+    assert spec.plain_step_s == pytest.approx(0.100, rel=0.01)
+    assert spec.verify_token_s == pytest.approx(0.005, rel=0.01)
+    assert spec.cost_ratio(proposer, 1) == pytest.approx(0.05, rel=0.02)
+    assert spec.cost_ratio(proposer, 8) == pytest.approx(0.40, rel=0.02)  # 8 to verify
+    # Acceptance 0.5: worth speculating alone, not with 8 sequences to verify.
+    assert best_num_tokens(0.5, spec.cost_ratio(proposer, 1), 6) > 0
+    assert best_num_tokens(0.5, spec.cost_ratio(proposer, 8), 6) <= 1
+
+
+def test_automatic_k_per_adapter_with_probes_when_off() -> None:
+    from loraplex import LoRARequest, SamplingParams
+    from loraplex.engine.sequence import SequenceStatus
+    from loraplex.spec.decoder import SpecDecoder
+
+    spec = SpecDecoder(SpecConfig("ngram", max_spec_tokens=5), None, None, None, None, 16, 16)
+    spec.plain_step_s, spec.verify_token_s = 0.1, 0.002  # c = 0.02 for one sequence
+
+    def seq(name: str | None):
+        from loraplex.engine.sequence import Sequence
+        s = Sequence(request_id=str(name), prompt=None, prompt_token_ids=[5, 6, 7],
+                     params=SamplingParams(max_tokens=100), eos_token_ids=frozenset(),
+                     max_model_len=512, lora=LoRARequest(name, "/x") if name else None)
+        s.status = SequenceStatus.RUNNING
+        return s
+
+    good, bad = seq("good"), seq("bad")
+    for _ in range(50):  # good: all 4 drafts accepted every time; bad: none
+        good.draft_token_ids, bad.draft_token_ids = [1] * 4, [1] * 4
+        spec.record(good, 4)
+        spec.record(bad, 0)
+    assert spec._num_tokens(good, spec.shared) == 5
+    choices = [spec._num_tokens(bad, spec.shared) for _ in range(64)]
+    assert choices.count(0) == 62 and choices.count(1) == 2  # a probe every 32 decisions
+    near_end = seq("good")
+    near_end.output_token_ids = [1] * 97  # max_tokens 100: room for 2 drafts at most
+    assert spec._num_tokens(near_end, spec.shared) == 2

@@ -137,9 +137,10 @@ def test_automatic_num_tokens_and_large_batches(
 
     outs = llm.generate(prompts()[:2], params()[:2], lora=lora_requests(tiny_adapters)[:2])
     assert_same_outputs(outs, reference[:2])
-    # Two requests: speculation on; the base requests' near-perfect acceptance drives k up.
-    drafts = [d for step in steps for name, _, d in step if name is None and d]
-    assert drafts and max(drafts) == 5
+    # Two requests: speculation on, k chosen automatically (how large depends on the
+    # measured costs; test_config.py checks the choice on given measurements).
+    drafts = [d for step in steps for name, _, d in step if d]
+    assert drafts and max(drafts) <= 5
 
 
 def test_real_model_ngram_equals_plain_decoding(llm_f32: LLM) -> None:
