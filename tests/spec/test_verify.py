@@ -37,12 +37,13 @@ def chains() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def speculative_triples(target: torch.Tensor, draft: torch.Tensor | None, accept,
-                        num_drafts: int = 2, seed: int = 1) -> torch.Tensor:
+                        num_drafts: int = 2, seed: int = 1,
+                        num_samples: int = NUM_SAMPLES) -> torch.Tensor:
     """Counts [V, V, V] of the first 3 tokens of NUM_SAMPLES speculative generations.
     ``draft`` None: a deterministic proposer (always proposes (last + 1) mod V)."""
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB, VOCAB, VOCAB)
-    for _ in range(NUM_SAMPLES):
+    for _ in range(num_samples):
         tokens: list[int] = []
         last = 0
         while len(tokens) < LENGTH:
@@ -110,7 +111,9 @@ def resample_from_target(probs, draft_ids, q, g):
 @pytest.mark.parametrize("wrong", [accept_all, resample_from_target])
 def test_the_bound_rejects_wrong_verifiers(wrong) -> None:
     target, draft = chains()
-    ok, why = chi_square_ok(speculative_triples(target, draft, wrong), exact_triples(target))
+    # A quarter of the samples: these verifiers are off by far more than the bound.
+    ok, why = chi_square_ok(speculative_triples(target, draft, wrong, num_samples=NUM_SAMPLES // 4),
+                            exact_triples(target))
     assert not ok, why
 
 
