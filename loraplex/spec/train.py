@@ -17,6 +17,7 @@ The output is a Hugging Face folder (config, safetensors, tokenizer) usable as
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -195,6 +196,9 @@ def train_draft(config: DraftTrainConfig, progress: bool = True) -> DraftTrainRe
     out = Path(config.out)
     if out.exists():
         raise ValueError(f"out: {str(out)!r} already exists; choose a new folder")
+    if config.adapter and importlib.util.find_spec("peft") is None:
+        raise ValueError("adapter: train-draft with an adapter needs PEFT "
+                         "(pip install 'loraplex[train]')")
     data = Path(config.data)
     if not data.is_file():
         raise ValueError(f"data: {str(data)!r} is not a file")
