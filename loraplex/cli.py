@@ -1,4 +1,4 @@
-"""Command line: ``loraplex serve | generate | merge | finetune | demo-data | pull``.
+"""Command line: ``loraplex serve | generate | merge | finetune | demo-data | train-draft | pull``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -24,15 +24,20 @@ def add_config_flags(parser: argparse.ArgumentParser, part: type) -> None:
     """One flag per field of the config dataclass ``part``, with the field's help text."""
     group = parser.add_argument_group(part.__name__)
     for f in dataclasses.fields(part):
-        flag = "--" + f.name.replace("_", "-")
+        # metadata["flag"] overrides the flag's name; "repeat" makes it repeatable.
+        flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
         kind = _flag_type(f)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=f.default, help=f.metadata["help"])
+        elif f.metadata.get("repeat"):
+            group.add_argument(flag, dest=f.name, action="append", default=[],
+                               help=f.metadata["help"])
         elif f.default is dataclasses.MISSING:  # a field without a default is a required flag
-            group.add_argument(flag, type=kind, required=True, help=f.metadata["help"])
+            group.add_argument(flag, dest=f.name, type=kind, required=True, help=f.metadata["help"])
         else:
-            group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                               help=f.metadata["help"])
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +112,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from loraplex.spec.train import DraftTrainConfig, train_draft
+
+    print(train_draft(config_from_args(DraftTrainConfig, args)).summary())
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from loraplex.models.registry import pull
 
@@ -161,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                     help="Dtype of the written weights; the sum is computed in float32.")
     mg.set_defaults(func=cmd_merge)
+
+    from loraplex.spec.train import DraftTrainConfig
+
+    td = sub.add_parser("train-draft", help="Distil a small draft model for a target (and "
+                        "adapter) for speculative decoding; reports acceptance before/after.")
+    add_config_flags(td, DraftTrainConfig)
+    td.set_defaults(func=cmd_train_draft)
 
     pl = sub.add_parser("pull", help="Convert an embedded model into the local cache now.")
     pl.add_argument("name", nargs="?", default="smollm2-135m")
