@@ -1,22 +1,23 @@
-"""Speculative decoding for an adapter: base vs adapter vs adapter + n-gram vs adapter +
-a draft trained for it by ``loraplex train-draft``, in this engine.
+"""Speculative decoding for an adapter: base vs adapter (unmerged, merged) vs adapter +
+n-gram vs adapter + a draft trained for it by ``loraplex train-draft``, in this engine.
 
     python benchmarks/spec.py [--repeats N] [--quick] [--seed S] [--model NAME]
-                              [--threads T] [--adapter DIR] [--draft DIR] [--train-steps N]
+                              [--threads T] [--adapter DIR] [--task T] [--draft DIR] [--train-steps N]
 
-One process, one run, the default model in bfloat16. The adapter is synthetic until
-fine-tuning lands (real PEFT, r=16 on all linear layers, lora_B ~ N(0, 0.02)); ``--adapter``
-takes a real one. Its "task" is a fixed family of chat prompts (``task_prompts``: short
-instructions about everyday topics); ``train-draft`` distils a 4-layer draft (the target's
-embedding, head and 4 of its 30 layers) on the target + adapter's own continuations of 200
-of them, unless ``--draft`` names a draft already trained. Measured prompts are other
-prompts of the same family, fresh every round.
+One process, one run, the default model in bfloat16. The adapter is the shipped demo adapter
+``examples/adapters/json-record``, fine-tuned by ``scripts/train_demo_adapters.py`` (r8 on
+q, v, o, down_proj): it turns a sentence about a person into a JSON record. Its task's
+prompts come from ``loraplex.train.demo_data`` (``--task``): ``train-draft`` distils a
+4-layer draft (the target's embedding, head and 4 of its 30 layers) on the target +
+adapter's own continuations of 216 train-split prompts, unless ``--draft`` names a draft
+already trained; measured prompts come from the eval split, fresh every round.
 
-Arms (separate engines on the same weights, greedy, ``ignore_eos`` so every request makes
-exactly ``max_tokens`` = 128 tokens): base; adapter, unmerged; adapter + n-gram lookup;
-adapter + trained draft (``--draft-for``); spec arms choose k automatically. Rounds run the
-arms interleaved (A B C D A B C D ...) after a warm-up round; each figure is the median of
-the pairwise ratios of one round.
+Arms (separate engines on the same weights, greedy, up to ``max_tokens`` = 128 tokens,
+stopping at the end of the answer as a user's request would): base (the base model on the
+same prompts); adapter, unmerged; adapter merged at load (``LLM(model, merge=ADAPTER)``, a
+dedicated deployment); adapter + n-gram lookup; adapter + trained draft (``--draft-for``);
+spec arms choose k automatically. Rounds run the arms interleaved (A B C ... A B C ...)
+after a warm-up round; each figure is the median of the pairwise ratios of one round.
 
 1. Batch 1: decode tokens/s of one request (tokens after the first / first-to-last token
    time), arm / base. Target: adapter + trained draft >= 1.5x base. Acceptance rate and
@@ -25,9 +26,6 @@ the pairwise ratios of one round.
    Target >= 1.0x: speculation must never make a batch slower (it switches itself off
    above ``max_spec_seqs``).
 
-Not measured yet: the "adapter merged" row (merging is another engineer's work on main;
-add an arm ``LLM(model, merge=ADAPTER)`` once it lands).
-
 ``--quick``: 1 round, 16 output tokens, 4 train steps: a smoke run of every path, not a
 measurement.
 """
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -49,38 +46,18 @@ from common import CpuMeter, fmt_list, machine_lines, median_ratio, verdict  # n
 
 TARGET_B1 = 1.5  # adapter + trained draft / base, decode tok/s at batch 1, at least
 TARGET_BATCH = 1.0  # spec arm / adapter arm at concurrency 8 and 32, at least
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOPICS = ("the sea", "a bicycle", "coffee", "rain", "a library", "the moon", "bread",
-          "a train station", "winter", "a garden", "mountains", "a market", "music",
-          "a kitchen", "the desert", "a river", "a school", "autumn", "a lighthouse", "cats")
-TASKS = ("Describe {} in three sentences.", "Write a short poem about {}.",
-         "List five facts about {}.", "Explain {} to a child.", "Write a haiku about {}.",
-         "Give three tips about {}.", "Tell a very short story about {}.")
+DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 
 
 def say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def task_prompts(count: int, seed: str) -> list[str]:
-    rng = random.Random(seed)
-    return [rng.choice(TASKS).format(rng.choice(TOPICS)) for _ in range(count)]
+def task_prompts(task: str, count: int, split: str, seed: int) -> list[str]:
+    """User prompts of a demo task (``loraplex demo-data``), reproducible from ``seed``."""
+    from loraplex.train.demo_data import make_examples
 
-
-def make_adapter(model_path: Path, folder: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
-                                            target_modules=ALL_LINEAR))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    model.save_pretrained(folder)
-    return folder
+    return [e["messages"][0]["content"] for e in make_examples(task, count, split, seed=seed)]
 
 
 def main() -> int:
@@ -90,7 +67,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--adapter", default=None, help="A PEFT adapter (default: synthetic).")
+    ap.add_argument("--adapter", default=str(DEMO_ADAPTERS / "json-record"),
+                    help="A PEFT adapter fine-tuned for --task (default: the shipped demo one).")
+    ap.add_argument("--task", default="json-record", help="The demo task whose prompts are used.")
     ap.add_argument("--draft", default=None, help="A draft trained for the adapter "
                     "(default: train one now with train-draft).")
     ap.add_argument("--train-steps", type=int, default=300)
@@ -108,14 +87,14 @@ def main() -> int:
     for line in machine_lines(torch.bfloat16):
         say(line)
 
-    adapter = Path(args.adapter) if args.adapter else make_adapter(model_path, work / "adapter",
-                                                                   args.seed)
-    say(f"adapter: {adapter}{'' if args.adapter else ' (synthetic: r16 all-linear, lora_B ~ N(0, 0.02))'}")
+    adapter = Path(args.adapter)
+    say(f"adapter: {adapter} | task {args.task}")
     draft = Path(args.draft) if args.draft else None
     if draft is None:
         data = work / "prompts.jsonl"
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
-                                for p in task_prompts(40 if args.quick else 216, "train")))
+                                for p in task_prompts(args.task, 40 if args.quick else 216, "train",
+                                                      args.seed)))
         t0 = time.perf_counter()
         report = train_draft(DraftTrainConfig(
             model=str(model_path), adapter=str(adapter), data=str(data), out=str(work / "draft"),
@@ -131,12 +110,13 @@ def main() -> int:
     lora = LoRARequest("task", str(adapter))
     engines = {
         "base": LLM(str(model_path), **options),
+        "merged": LLM(str(model_path), merge=str(adapter), **options),
         "ngram": LLM(str(model_path), speculative=SpecConfig("ngram"), **options),
         "draft": LLM(str(model_path), speculative=SpecConfig(
             "draft", draft_for={"task": str(draft)}), **options),
     }
-    arms = {"base": ("base", None), "adapter": ("base", lora), "adapter+ngram": ("ngram", lora),
-            "adapter+draft": ("draft", lora)}
+    arms = {"base": ("base", None), "adapter": ("base", lora), "adapter merged": ("merged", None),
+            "adapter+ngram": ("ngram", lora), "adapter+draft": ("draft", lora)}
 
     def chat(texts: list[str]) -> list[list[int]]:
         tok = engines["base"].tokenizer
@@ -148,14 +128,15 @@ def main() -> int:
         spec = llm.engine.spec
         before = {k: (s.num_steps, s.num_draft_tokens, s.num_accepted_tokens)
                   for k, s in (spec.stats.items() if spec else [])}
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
         with CpuMeter() as meter:
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params, lora=request)
             wall = time.perf_counter() - t0
-        assert all(len(o.token_ids) == max_tokens for o in outs)
-        result = {"tok_s": len(prompts) * max_tokens / wall, "others_cpu": meter.others,
-                  "decode_tok_s": statistics.median((max_tokens - 1) / o.metrics.decode_s
+        assert all(o.error is None and len(o.token_ids) > 1 for o in outs)
+        result = {"tok_s": sum(len(o.token_ids) for o in outs) / wall, "others_cpu": meter.others,
+                  "tokens": statistics.median(len(o.token_ids) for o in outs),
+                  "decode_tok_s": statistics.median((len(o.token_ids) - 1) / o.metrics.decode_s
                                                     for o in outs)}
         if spec and "task" in spec.stats:
             s, b = spec.stats["task"], before.get("task", (0, 0, 0))
@@ -168,7 +149,8 @@ def main() -> int:
     def rounds(concurrency: int, names: list[str]) -> dict[str, list[dict]]:
         results: dict[str, list[dict]] = {n: [] for n in names}
         for r in range(-1, repeats):  # round -1: warm-up, discarded
-            prompts = chat(task_prompts(concurrency, f"measure-{concurrency}-{r}"))
+            prompts = chat(task_prompts(args.task, concurrency, "eval",
+                                        1000 * args.seed + 10 * concurrency + r + 1))
             for name in names:
                 out = run(name, prompts)
                 say(f"  c{concurrency} {'warm-up' if r < 0 else f'round {r}'} {name}: "
@@ -203,15 +185,16 @@ def main() -> int:
     draft_b1 = b1_ratios["adapter+draft"]
     batch_ok = all(v >= TARGET_BATCH for v in batch_ratios.values())
     say()
-    say(f"spec.py: b1 adapter {b1_ratios['adapter']:.2f}x base | +ngram "
+    say(f"spec.py: b1 adapter {b1_ratios['adapter']:.2f}x base, merged "
+        f"{b1_ratios['adapter merged']:.2f}x | +ngram "
         f"{b1_ratios['adapter+ngram']:.2f}x (acc {spec_stats['adapter+ngram'][0]:.2f}, "
         f"{spec_stats['adapter+ngram'][1]:.2f} tok/step) | +draft {draft_b1:.2f}x "
         f"(acc {spec_stats['adapter+draft'][0]:.2f}, {spec_stats['adapter+draft'][1]:.2f} "
         f"tok/step; target {TARGET_B1}x {verdict(draft_b1 >= TARGET_B1)}) | c8 ngram/draft "
         f"{batch_ratios[(8, 'adapter+ngram')]:.2f}/{batch_ratios[(8, 'adapter+draft')]:.2f}x, "
         f"c32 {batch_ratios[(32, 'adapter+ngram')]:.2f}/{batch_ratios[(32, 'adapter+draft')]:.2f}x "
-        f"adapter (target >= {TARGET_BATCH} {verdict(batch_ok)}) | merged: not built yet | "
-        f"adapter {'given' if args.adapter else 'synthetic'}{' | QUICK, not a measurement' if args.quick else ''}")
+        f"adapter (target >= {TARGET_BATCH} {verdict(batch_ok)}) | adapter {adapter.name}, task "
+        f"{args.task}{' | QUICK, not a measurement' if args.quick else ''}")
     return 0
 
 
