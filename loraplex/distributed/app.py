@@ -1,0 +1,93 @@
+"""Build the Ray Serve application, and run it for ``loraplex serve --replicas N``.
+
+``build_app(engine_config, server_config, ray_config)`` returns a bound Serve application
+(router -> replicas) for users who deploy with their own Serve setup, e.g.
+``serve.run(build_app(...), route_prefix="/")``. ``serve_on_ray`` is what the CLI runs:
+join or start a Ray cluster, start Serve's HTTP proxy on ``--host``/``--port``, deploy,
+and wait for SIGTERM or Ctrl-C.
+
+Every replica must reach the same ``state_dir`` (the shared adapter store), the same
+``--adapter-root`` and key file, and the model folder: on one machine that is given; on
+a cluster, put them on a filesystem every node mounts at the same path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from loraplex.config import EngineConfig, ServerConfig
+from loraplex.distributed.config import RayServeConfig
+from loraplex.distributed.replica import LoraplexReplica
+from loraplex.distributed.router import LoraplexRouter
+from loraplex.server.launch import for_mode, base_model_id_of, state_dir_of
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(engine_config: EngineConfig, server_config: ServerConfig,
+              ray_config: RayServeConfig | None = None,
+              startup_adapters: dict[str, str] | None = None) -> Application:
+    """The Serve application: a router deployment in front of the engine replicas. Checks
+    what it can before anything is deployed (paths must be the same on every node)."""
+    ray_config = ray_config or RayServeConfig()
+    startup_adapters = dict(startup_adapters or {})
+    for_mode(engine_config, server_config, startup_adapters)  # refuses bad combinations
+    for name, path in startup_adapters.items():
+        if not Path(path).expanduser().is_dir():
+            raise ValueError(f"adapter: {name}={path}: not a folder")
+        startup_adapters[name] = str(Path(path).expanduser().resolve())
+    # Relative paths would mean something else in each worker's working directory.
+    server_config = _absolute_paths(server_config)
+    max_adapters = ray_config.max_adapters_per_replica or engine_config.lora.max_cpu_loras
+    replica = serve.deployment(LoraplexReplica, name="LoraplexReplica",
+                               **ray_config.deployment_options())
+    router = serve.deployment(LoraplexRouter, name="LoraplexRouter", num_replicas=1,
+                              max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+    replicas = replica.bind(engine_config, server_config, startup_adapters, max_adapters)
+    return router.bind(replicas, base_model_id_of(engine_config, server_config),
+                       server_config.api_keys, ray_config.adapter_affinity,
+                       server_config.max_upload_mib * 2**20)
+
+
+def _absolute_paths(config: ServerConfig) -> ServerConfig:
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else None
+
+    return dataclasses.replace(config, api_keys=absolute(config.api_keys),
+                               adapter_root=absolute(config.adapter_root),
+                               state_dir=str(state_dir_of(config).resolve()))
+
+
+def start_serve(ray_config: RayServeConfig, host: str, port: int) -> None:
+    """Join (``ray_address``) or start a Ray cluster, and Serve's HTTP proxy on host:port."""
+    if not ray.is_initialized():
+        ray.init(address=ray_config.ray_address, namespace="loraplex",
+                 ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+
+
+def serve_on_ray(engine_config: EngineConfig, server_config: ServerConfig,
+                 ray_config: RayServeConfig,
+                 startup_adapters: dict[str, str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(engine_config, server_config, ray_config, startup_adapters)
+    start_serve(ray_config, server_config.host, server_config.port)
+    serve.run(app, name=ray_config.app_name, route_prefix="/")
+    logger.info("loraplex on Ray Serve: %d replica(s) at http://%s:%d", ray_config.replicas,
+                server_config.host, server_config.port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logger.info("stopping: replicas drain for up to %.0f s", server_config.drain_seconds)
+    serve.delete(ray_config.app_name)
+    serve.shutdown()
+    ray.shutdown()
