@@ -211,28 +211,42 @@ def test_a_killed_replica_loses_no_retried_request(cluster: Cluster) -> None:
         cluster.wait_for(lambda: len(before) == 2 or before.add(
             http.get("/v1/models/alpha").headers[REPLICA_HEADER]) or False, "both replicas")
     victim = cluster.complete("alpha")[1]
+    statuses: list[tuple[int, str | None]] = []  # every answer, retried ones included
     results: list[str] = []
     errors: list[BaseException] = []
-    started = threading.Event()
+    first_done = threading.Event()
 
-    def worker(offset: int) -> None:
-        for i in range(6):
-            name = ADAPTERS[(offset + i) % len(ADAPTERS)]
+    def record(response: httpx.Response) -> None:
+        statuses.append((response.status_code, response.headers.get("retry-after")))
+
+    def worker(k: int) -> None:
+        client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=ADMIN_KEY, max_retries=8,
+                               timeout=120, http_client=httpx.Client(
+                                   event_hooks={"response": [record]}, timeout=120))
+        for _ in range(3):
+            # All for alpha, so affinity sends them to the victim; lengths differ, so when
+            # the first finishes the others are still running there.
             try:
-                results.append(cluster.complete(name, max_retries=8)[0])
+                out = client.completions.create(model="alpha", prompt="Count:", temperature=0,
+                                                max_tokens=60 + 40 * k,
+                                                extra_body={"ignore_eos": True})
+                results.append(out.choices[0].text)
             except BaseException as e:  # noqa: BLE001 - the test reports it below
                 errors.append(e)
-            started.set()
+            first_done.set()
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
-    started.wait(timeout=120)
+    assert first_done.wait(timeout=120)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
     assert len(results) == 18
+    lost = [s for s in statuses if s[0] != 200]
+    assert lost, "no request was in flight on the killed replica; the test proved nothing"
+    assert all(status == 503 and retry_after for status, retry_after in lost), lost
 
     # Serve replaces the replica; the newcomer reads the shared registry.
     cluster.wait_for(lambda: cluster.replica_status()[1].get("RUNNING") == 2
