@@ -101,8 +101,10 @@ async def run_round(url: str, models: list[str], prompts: list[str], args: argpa
             except Exception as e:  # counted as lost below
                 return {"error": repr(e)}
 
-    return await asyncio.wait_for(asyncio.gather(*(bounded(m, p) for m, p in
-                                                   zip(models, prompts))), timeout=args.timeout)
+    async with client:  # closed on this event loop (each round runs its own)
+        return await asyncio.wait_for(asyncio.gather(*(bounded(m, p) for m, p in
+                                                       zip(models, prompts))),
+                                      timeout=args.timeout)
 
 
 def main() -> int:
