@@ -88,6 +88,16 @@ def serve_on_ray(engine_config: EngineConfig, server_config: ServerConfig,
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     logger.info("stopping: replicas drain for up to %.0f s", server_config.drain_seconds)
-    serve.delete(ray_config.app_name)
-    serve.shutdown()
+
+    def stop_serve() -> None:
+        serve.delete(ray_config.app_name)
+        serve.shutdown()
+
+    # Bounded: a signal sent to the whole process group (Ctrl-C, `timeout`) also stops
+    # the local Ray cluster's own processes, and Serve then waits for them in vain.
+    stopper = threading.Thread(target=stop_serve, name="serve-stop", daemon=True)
+    stopper.start()
+    stopper.join(server_config.drain_seconds + 30)
+    if stopper.is_alive():
+        logger.warning("Ray Serve did not stop in time; leaving it")
     ray.shutdown()
