@@ -181,8 +181,8 @@ def main() -> int:
     a, b = summary["affinity"], summary["blind"]
     print(f"scaleout: {args.replicas} replicas, {args.adapters} adapters (Zipf 1.1), "
           f"{args.rounds}x{args.requests} requests per mode, concurrency {args.concurrency}, "
-          f"{args.max_tokens} tokens, dtype {args.dtype}: adapter loads affinity {loads['affinity']}"
-          f" vs blind {loads['blind']}; TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
+          f"{args.max_tokens} tokens, dtype {args.dtype}: adapter loads affinity "
+          f"{loads['affinity']} vs blind {loads['blind']}; TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
           f"p99 {a['ttft_p99_ms']} vs {b['ttft_p99_ms']} ms (median round p99 ratio "
           f"{ratio:.2f}, target <= 1.05); lost {lost['affinity'] + lost['blind']}: "
           f"{'PASS' if ok else 'MISS'}")

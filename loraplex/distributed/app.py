@@ -2,7 +2,8 @@
 
 ``build_app(engine_config, server_config, ray_config)`` returns a bound Serve application
 (router -> replicas) for users who deploy with their own Serve setup, e.g.
-``serve.run(build_app(...), route_prefix="/")``. ``serve_on_ray`` is what the CLI runs:
+``serve.run(build_app(...), route_prefix="/")``; ``app_builder`` is the same for Serve's
+CLI and config files (``import_path``). ``serve_on_ray`` is what the CLI runs:
 join or start a Ray cluster, start Serve's HTTP proxy on ``--host``/``--port``, deploy,
 and wait for SIGTERM or Ctrl-C.
 
@@ -17,12 +18,13 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import serve
 from ray.serve import Application
 
-from loraplex.config import EngineConfig, ServerConfig
+from loraplex.config import CONFIG_PARTS, EngineConfig, ServerConfig
 from loraplex.distributed.config import RayServeConfig
 from loraplex.distributed.replica import LoraplexReplica
 from loraplex.distributed.router import LoraplexRouter
@@ -54,6 +56,48 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     return router.bind(replicas, base_model_id_of(engine_config, server_config),
                        server_config.api_keys, ray_config.adapter_affinity,
                        server_config.max_upload_mib * 2**20)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For Serve's own tooling: ``serve run loraplex.distributed.app:app_builder
+    model=smollm2-135m replicas=2``, or ``import_path`` + ``args`` in a Serve config file.
+    Keys are the ``loraplex serve`` flags with underscores (engine, server and Ray Serve
+    options); ``adapters`` is ``NAME=PATH,NAME=PATH`` or a mapping. Strings are converted
+    to each field's type; an unknown key is an error naming it."""
+    options = dict(args)
+    adapters = options.pop("adapters", None) or {}
+    if isinstance(adapters, str):
+        adapters = dict(spec.split("=", 1) for spec in adapters.split(",") if spec)
+    parts: dict[type, dict[str, Any]] = {part: {} for part in
+                                         (*CONFIG_PARTS.values(), ServerConfig, RayServeConfig)}
+    for part, values in parts.items():
+        for f in dataclasses.fields(part):
+            if f.name in options:
+                values[f.name] = _typed(f, options.pop(f.name))
+    if options:
+        raise ValueError(f"app_builder: unknown option(s) {sorted(options)}")
+    engine = EngineConfig(**{name: part(**parts[part]) for name, part in CONFIG_PARTS.items()})
+    return build_app(engine, ServerConfig(**parts[ServerConfig]),
+                     RayServeConfig(**parts[RayServeConfig]), adapters)
+
+
+def _typed(f: dataclasses.Field, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind = str(f.type)
+    if kind.startswith("bool"):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{f.name}: expected true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if value.lower() in ("none", "null") and "None" in kind:
+        return None
+    for name, convert in (("int", int), ("float", float)):
+        if kind.startswith(name):
+            try:
+                return convert(value)
+            except ValueError:
+                raise ValueError(f"{f.name}: expected {name}, got {value!r}") from None
+    return value
 
 
 def _absolute_paths(config: ServerConfig) -> ServerConfig:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -107,14 +108,20 @@ def cluster(tiny_model: Callable[..., Path], adapters_dir: Path,
         ray.shutdown()
 
 
-def test_same_api_and_answers_as_the_offline_engine(cluster: Cluster, tiny_model: Callable[..., Path]) -> None:
-    offline = LLM(str(tiny_model()), **ENGINE_OPTIONS)
-    params = SamplingParams(max_tokens=4, temperature=0)
-    prompt = "The capital of France is"
-    for model in (cluster.base_id, "alpha", "gamma"):
-        lora = None if model == cluster.base_id else LoRARequest(model, str(cluster.root / model))
-        expected = offline.generate([prompt], params, lora=lora)[0].text
-        assert cluster.complete(model)[0] == expected, model
+def test_same_api_and_answers_as_the_offline_engine(cluster: Cluster,
+                                                    tiny_model: Callable[..., Path]) -> None:
+    threads = torch.get_num_threads()
+    try:  # the oracle: the same weights through the offline engine in this process
+        offline = LLM(str(tiny_model()), **ENGINE_OPTIONS)
+        params = SamplingParams(max_tokens=4, temperature=0)
+        prompt = "The capital of France is"
+        for model in (cluster.base_id, "alpha", "gamma"):
+            is_base = model == cluster.base_id
+            lora = None if is_base else LoRARequest(model, str(cluster.root / model))
+            expected = offline.generate([prompt], params, lora=lora)[0].text
+            assert cluster.complete(model)[0] == expected, model
+    finally:
+        torch.set_num_threads(threads)  # the engine set it to 1 for the whole process
 
     ids = {m.id for m in cluster.client().models.list().data}
     assert ids == {cluster.base_id, *ADAPTERS}
@@ -262,3 +269,18 @@ def test_a_killed_replica_loses_no_retried_request(cluster: Cluster) -> None:
         cluster.wait_for(newcomer_answers, "the new replica to answer")
     assert victim not in seen
     assert cluster.complete("shared-delta")[0] == cluster.complete("delta")[0]
+
+
+def test_app_builder_for_serve_config_files(tiny_model: Callable[..., Path],
+                                            tmp_path: Path) -> None:
+    from loraplex.distributed.app import app_builder
+
+    app = app_builder({"model": str(tiny_model()), "replicas": "3", "max_loras": "2",
+                       "adapter_affinity": "false", "state_dir": str(tmp_path)})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="unknown option.*'replica'"):
+        app_builder({"model": str(tiny_model()), "replica": "3"})
+    with pytest.raises(ValueError, match="^replicas: expected int, got 'two'"):
+        app_builder({"model": str(tiny_model()), "replicas": "two"})
+    with pytest.raises(ValueError, match="^replicas: must be >= 1"):
+        app_builder({"model": str(tiny_model()), "replicas": "0"})
