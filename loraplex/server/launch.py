@@ -47,7 +47,7 @@ def build_state(engine_config: EngineConfig, config: ServerConfig,
         if not Path(path).expanduser().is_dir():
             raise ValueError(f"adapter: {name}={path}: not a folder")
     state_dir = state_dir_of(config)
-    registry = registry or AdapterRegistry(state_dir)
+    registry = AdapterRegistry(state_dir) if registry is None else registry
     engine = engine or LLMEngine(engine_config)
     async_engine = AsyncEngine(engine, config.max_queue)
     metrics = ServerMetrics(lambda: async_engine.snapshot, lambda: len(registry.all()))
@@ -69,7 +69,7 @@ def base_model_id_of(engine_config: EngineConfig, config: ServerConfig) -> str:
 
 
 def for_mode(engine_config: EngineConfig, config: ServerConfig,
-              startup_adapters: dict[str, str] | None) -> EngineConfig:
+             startup_adapters: dict[str, str] | None) -> EngineConfig:
     """shared: a base and many unmerged adapters. dedicated: one adapter merged into the
     weights at load, served at base speed under its own name, and nothing else."""
     merge = engine_config.model.merge

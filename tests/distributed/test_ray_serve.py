@@ -146,11 +146,23 @@ def test_same_api_and_answers_as_the_offline_engine(cluster: Cluster,
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
 
 
+def books(cluster: Cluster) -> dict[str, dict[str, int]]:
+    """/v1/replicas: requests by model, per replica."""
+    with cluster.http() as http:
+        response = http.get("/v1/replicas")
+    assert response.status_code == 200, response.text
+    return {row["replica_id"]: row["requests"] for row in response.json()["data"]}
+
+
 def test_requests_for_an_adapter_concentrate_on_one_replica(cluster: Cluster) -> None:
     served: dict[str, Counter[str]] = {name: Counter() for name in ADAPTERS}
-    for name in ADAPTERS:  # first requests: each adapter lands somewhere and loads there
-        cluster.complete(name)
-    time.sleep(1.0)  # Serve's routers learn a replica's adapters from its periodic report
+    # First requests: each adapter lands somewhere and loads there. Serve's router learns
+    # which replica holds it from the replica's report, a moment later: wait until two
+    # requests in a row meet the same replica.
+    for name in ADAPTERS:
+        cluster.wait_for(lambda: cluster.complete(name)[1] == cluster.complete(name)[1],
+                         f"{name} to stay on one replica", timeout=60)
+    before = books(cluster)
     for _ in range(5):
         for name in ADAPTERS:
             served[name][cluster.complete(name)[1]] += 1
@@ -161,14 +173,11 @@ def test_requests_for_an_adapter_concentrate_on_one_replica(cluster: Cluster) ->
     assert len(holders) == 2, f"all adapters went to one replica: {served}"
 
     # The replicas' own books, as the router collected them, say the same.
-    with cluster.http() as http:
-        books = http.get("/v1/replicas").json()["data"]
-    by_replica = {row["replica_id"]: row for row in books}
+    after = books(cluster)
     for name, counts in served.items():
-        replica = counts.most_common(1)[0][0]
-        others = sum(row["requests"].get(name, 0) for rid, row in by_replica.items()
-                     if rid != replica)
-        assert by_replica[replica]["requests"][name] > others, (name, books)
+        for replica in after:
+            seen = after[replica].get(name, 0) - before.get(replica, {}).get(name, 0)
+            assert seen == counts[replica], (name, replica, dict(counts), after)
     with cluster.http(A_KEY) as http:  # per-replica books are for admins
         assert http.get("/v1/replicas").status_code == 403
 
