@@ -293,3 +293,36 @@ def test_app_builder_for_serve_config_files(tiny_model: Callable[..., Path],
         app_builder({"model": str(tiny_model()), "replicas": "two"})
     with pytest.raises(ValueError, match="^replicas: must be >= 1"):
         app_builder({"model": str(tiny_model()), "replicas": "0"})
+
+
+def test_a_full_queue_answers_503_with_retry_after(cluster: Cluster,
+                                                  tiny_model: Callable[..., Path],
+                                                  tmp_path: Path) -> None:
+    """One replica taking one request at a time, and room for one more in the router's
+    queue: of four long requests at once, some are turned away, as the single server does."""
+    engine_config = EngineConfig.from_flat(model=str(tiny_model()), **ENGINE_OPTIONS)
+    ray_config = RayServeConfig(replicas=1, max_ongoing_requests=1, max_queued_requests=1,
+                                replica_num_cpus=0, app_name="tight")
+    serve.run(build_app(engine_config, ServerConfig(state_dir=str(tmp_path)), ray_config),
+              name="tight", route_prefix="/tight")
+    try:
+        answers: list[httpx.Response] = []
+
+        def request() -> None:
+            with httpx.Client(base_url=cluster.url + "/tight", timeout=120) as http:
+                answers.append(http.post("/v1/completions", json={
+                    "model": cluster.base_id, "prompt": "Count:", "max_tokens": 200,
+                    "temperature": 0, "ignore_eos": True}))
+
+        threads = [threading.Thread(target=request) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        statuses = sorted(a.status_code for a in answers)
+        assert 200 in statuses and 503 in statuses, statuses
+        for refused in (a for a in answers if a.status_code == 503):
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+    finally:
+        serve.delete("tight")
