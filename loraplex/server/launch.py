@@ -33,9 +33,12 @@ def state_dir_of(config: ServerConfig) -> Path:
 
 def build_state(engine_config: EngineConfig, config: ServerConfig,
                 startup_adapters: dict[str, str] | None = None,
-                engine: LLMEngine | None = None) -> ServerState:
-    """Check everything cheap (keys, registry, adapter root) before the model loads."""
-    engine_config = _for_mode(engine_config, config, startup_adapters)
+                engine: LLMEngine | None = None, registry: AdapterRegistry | None = None,
+                min_orphan_age_s: float = 0.0) -> ServerState:
+    """Check everything cheap (keys, registry, adapter root) before the model loads.
+    ``registry`` and ``min_orphan_age_s``: replicas sharing one state folder
+    (``loraplex.distributed``) pass a registry that follows the others' changes."""
+    engine_config = for_mode(engine_config, config, startup_adapters)
     auth = ApiKeys.from_file(config.api_keys) if config.api_keys else ApiKeys.open()
     adapter_root = Path(config.adapter_root).expanduser() if config.adapter_root else None
     if adapter_root is not None and not adapter_root.is_dir():
@@ -44,23 +47,29 @@ def build_state(engine_config: EngineConfig, config: ServerConfig,
         if not Path(path).expanduser().is_dir():
             raise ValueError(f"adapter: {name}={path}: not a folder")
     state_dir = state_dir_of(config)
-    registry = AdapterRegistry(state_dir)
+    registry = AdapterRegistry(state_dir) if registry is None else registry
     engine = engine or LLMEngine(engine_config)
     async_engine = AsyncEngine(engine, config.max_queue)
     metrics = ServerMetrics(lambda: async_engine.snapshot, lambda: len(registry.all()))
     async_engine.observer = metrics
-    base_model_id = config.served_model_name or (
-        Path(engine_config.model.merge).name if config.mode == "dedicated"
-        else engine_config.model.model)
+    base_model_id = base_model_id_of(engine_config, config)
     adapters = AdapterService(registry, async_engine, base_model_id, adapter_root,
-                              state_dir / "uploads", config.max_upload_mib * 2**20)
+                              state_dir / "uploads", config.max_upload_mib * 2**20,
+                              min_orphan_age_s)
     adapters.register_startup(startup_adapters or {})
     return ServerState(engine=async_engine, adapters=adapters, auth=auth, metrics=metrics,
                        config=config, base_model_id=base_model_id, created=int(time.time()))
 
 
-def _for_mode(engine_config: EngineConfig, config: ServerConfig,
-              startup_adapters: dict[str, str] | None) -> EngineConfig:
+def base_model_id_of(engine_config: EngineConfig, config: ServerConfig) -> str:
+    """The base model's id in the API (the ``model`` field that means "no adapter")."""
+    return config.served_model_name or (
+        Path(engine_config.model.merge).name if config.mode == "dedicated"
+        else engine_config.model.model)
+
+
+def for_mode(engine_config: EngineConfig, config: ServerConfig,
+             startup_adapters: dict[str, str] | None) -> EngineConfig:
     """shared: a base and many unmerged adapters. dedicated: one adapter merged into the
     weights at load, served at base speed under its own name, and nothing else."""
     merge = engine_config.model.merge
