@@ -51,11 +51,13 @@ def word_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def random_word_prompts(tokenizer: Any, count: int, input_len: int, seed: int) -> list[str]:
-    """``count`` texts of real words that each encode to exactly ``input_len`` tokens."""
+def random_word_prompts(tokenizer: Any, count: int, input_len: int, seed: int,
+                        words: list[int] | None = None) -> list[str]:
+    """``count`` texts of real words that each encode to exactly ``input_len`` tokens
+    (``words``: ``word_token_ids(tokenizer)``, when the caller keeps it)."""
     if input_len < 1:
         raise ValueError(f"input_len: must be >= 1, got {input_len}")
-    words = word_token_ids(tokenizer)
+    words = words or word_token_ids(tokenizer)
     rng = random.Random(seed)
     prompts = []
     for _ in range(count):
