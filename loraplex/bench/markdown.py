@@ -100,7 +100,7 @@ def answers(f: Facts) -> list[str]:
     factors = {k: v for k, v in factors.items() if v is not None and not math.isnan(v)}
     if factors:
         top = max(factors, key=factors.get)
-        why.append(f"\nOf these, the largest slow-down in this run comes from {top} ({x(factors[top])}).")
+        why.append(f"\nOf these, the largest factor measured in this run is {top} ({x(factors[top])}).")
     lines += why + [""]
 
     lines += ["**Does concurrency change it?**", ""]
@@ -125,9 +125,11 @@ def answers(f: Facts) -> list[str]:
     lines += ["**What would merging buy?**", ""]
     merged = f.per_concurrency("merged", "merged/base")
     if merged:
+        gain = f.per_concurrency("merged", "merged/unmerged")
         lines.append("Merged into the base, your model runs at " + ", ".join(
-            f"{x(v)} the base at {c}" for c, v in merged.items()) + "; against the unmerged adapter that is "
-            + ", ".join(f"{x(m / u)} at {c}" for c, m in merged.items() if (u := unmerged.get(c))) + ".")
+            f"{x(v)} the base at {c}" for c, v in merged.items()) + "; against the unmerged adapter, "
+            "measured in the same rounds, that is " + ", ".join(f"{x(v)} at {c}" for c, v in gain.items())
+            + ". The price: this deployment then serves only this one adapter.")
     else:
         lines.append(f"Not measured here ({f.reason('merged')}). A merged model computes exactly what the base "
                      "computes, so the most it can win back is the unmerged overhead above"
@@ -135,8 +137,10 @@ def answers(f: Facts) -> list[str]:
     lines += ["", "**What would speculative decoding buy?**", ""]
     spec = f.per_concurrency("speculative", "unmerged + speculative/base")
     if spec:
+        gain = f.per_concurrency("speculative", "unmerged + speculative/unmerged")
         lines.append("With speculative decoding your adapter runs at " + ", ".join(
-            f"{x(v)} the base at {c}" for c, v in spec.items()) + ".")
+            f"{x(v)} the base at {c}" for c, v in spec.items()) + " (" + ", ".join(
+            f"{x(v)} the adapter without it at {c}" for c, v in gain.items()) + ").")
     else:
         lines.append(f"Not measured here ({f.reason('speculative')}).")
     return lines + [""]
@@ -161,7 +165,8 @@ def recommendation(f: Facts) -> list[str]:
     adapters_k = f.get("adapters", f"{adapters_label(plan.adapter_counts[-1])}/base")
     lines.append(f"- **Several adapters or experiments: keep them unmerged on one deployment (multi-LoRA).** "
                  f"{plan.adapter_counts[-1]} distinct adapters in one batch ran at {x(adapters_k)} the base; "
-                 f"{plan.num_registered} extra registered adapters cost {x(f.get('registered', 'many/few registered'))}.")
+                 f"with {plan.num_registered} more adapters registered, the same traffic ran at "
+                 f"{x(f.get('registered', 'many/few registered'))} the throughput with few.")
     if spec:
         best = max(spec.values())
         lines.append(f"- **Speculative decoding**: {'worth adding' if best > 1 + SAME else 'did not pay off here'} "
@@ -194,7 +199,7 @@ def render(results: list[ScenarioResult], machine: dict[str, Any], plan: Plan,
              f"{m['dtype']} on {m['device']} ({m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
              f"torch {m['torch']}); {m['mode']} run of {m['seconds']:.0f} s on {m['date']}.", "",
              "Every ratio is the median of pairwise ratios from interleaved runs (A B A B ...) in this "
-             "one process, after a warm-up round; absolute times move with the machine's load "
+             "one process, after a warm-up; absolute times move with the machine's load "
              f"(load average at the start: {', '.join(f'{v:.2f}' for v in m['load_average'] or [])}), "
              "ratios much less.", ""]
     lines += answers(f) + recommendation(f)
@@ -220,7 +225,8 @@ def render(results: list[ScenarioResult], machine: dict[str, Any], plan: Plan,
               f"Prompts: random real words from the tokenizer's vocabulary, exactly {plan.prompt_len} tokens "
               f"({plan.ttft_prompt_len} for the TTFT scenario), fresh for every arm and round; greedy, "
               f"{plan.output_len} output tokens per request (end-of-sequence ignored); prefix caching off. "
-              f"{plan.rounds} measured round(s) after {plan.warmup} warm-up round(s). A batch of N requests is "
+              f"{plan.rounds} measured round(s) per comparison, after one untimed batch of every shape "
+              f"and {plan.warmup} discarded warm-up round(s) per comparison. A batch of N requests is "
               "submitted at once (concurrency N) through the engine's request path; output tok/s is its "
               "tokens over its wall time, TTFT and TPOT are per-request means.", ""]
     return "\n".join(lines)

@@ -71,6 +71,10 @@ def to_json(doc: dict[str, Any]) -> str:
     return json.dumps(clean(doc), indent=1) + "\n"
 
 
+def _or_dash(value: float, spec: str) -> str:
+    return format(value, spec) if math.isfinite(value) else format("-", spec[0] + spec[1:].split(".")[0])
+
+
 def format_table(doc: dict[str, Any]) -> str:
     width = 50
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=width, c="=")]
@@ -99,9 +103,9 @@ def format_table(doc: dict[str, Any]) -> str:
         lines.append(f"{'model':<20}{'ok/n':>8}{'TTFT':>8}{'TPOT':>7}{'E2EL':>7}")
         for model, m in doc["per_model"].items():
             name = model if len(model) <= 19 else "..." + model[-16:]
-            lines.append(f"{name:<20}{m['completed']:>4}/{m['num_requests']:<3}"
-                         f"{m['ttft']['median']:>8.1f}{m['tpot']['median']:>7.1f}"
-                         f"{m['e2el']['median']:>7.0f}")
+            cells = [_or_dash(m[key]["median"], spec) for key, spec in
+                     (("ttft", ">8.1f"), ("tpot", ">7.1f"), ("e2el", ">7.0f"))]
+            lines.append(f"{name:<20}{m['completed']:>4}/{m['num_requests']:<3}" + "".join(cells))
     if doc["errors"]:
         lines.append("{s:{c}^{n}}".format(s="Errors", n=width, c="-"))
         for error, count in doc["errors"].items():

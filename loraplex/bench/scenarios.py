@@ -47,9 +47,10 @@ def lora_arm(llm: Any, lora: LoRARequest | None, max_tokens: int) -> Arm:
 
 
 def throughput_rows(ctx: ExplainContext, tag: str, arms: Callable[[int], dict[str, Arm]],
-                    result: ScenarioResult, concurrencies: tuple[int, ...]) -> None:
+                    result: ScenarioResult, concurrencies: tuple[int, ...],
+                    also: tuple[str, str] | None = None) -> None:
     """At each concurrency: tok/s, TPOT and TTFT of every arm, and each arm's ratio to the
-    first arm (the reference), into ``result``."""
+    first arm (the reference), into ``result``; ``also`` = (a, b) adds the headline a/b."""
     ref = next(iter(arms(concurrencies[0])))
     vs_tok, vs_tpot = f"tok/s vs {ref}", f"TPOT vs {ref}"
     result.columns = ["concurrency", "arm", "output tok/s", "TPOT ms", "TTFT ms", vs_tok, vs_tpot]
@@ -65,6 +66,8 @@ def throughput_rows(ctx: ExplainContext, tag: str, arms: Callable[[int], dict[st
             result.series["tok_s"].setdefault(name, []).append(row["output tok/s"])
             if name != ref:
                 result.headline[f"{name}/{ref} c{c}"] = row[vs_tok]
+        if also is not None:
+            result.headline[f"{also[0]}/{also[1]} c{c}"] = ratio(res, *also)
 
 
 # ---- the scenarios -------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def merged(ctx: ExplainContext) -> ScenarioResult:
         throughput_rows(ctx, "merged", lambda c: {"base": lora_arm(ctx.llm, None, out),
                                                   "unmerged": lora_arm(ctx.llm, ctx.user, out),
                                                   "merged": lora_arm(merged_llm, None, out)},
-                        result, ctx.plan.concurrencies)
+                        result, ctx.plan.concurrencies, also=("merged", "unmerged"))
     finally:
         del merged_llm
         gc.collect()
@@ -152,7 +155,7 @@ def speculative(ctx: ExplainContext) -> ScenarioResult:
         throughput_rows(ctx, "spec", lambda c: {
             "base": lora_arm(ctx.llm, None, out), "unmerged": lora_arm(ctx.llm, ctx.user, out),
             "unmerged + speculative": lora_arm(spec_llm, ctx.user, out)},
-            result, ctx.plan.concurrencies)
+            result, ctx.plan.concurrencies, also=("unmerged + speculative", "unmerged"))
     finally:
         del spec_llm
         gc.collect()
