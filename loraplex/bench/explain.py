@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import os
 import shutil
 import tempfile
 import time
@@ -198,7 +199,6 @@ def kv_cache_gib(arch: Any, plan: Plan) -> float:
 
 
 def machine_info(ctx: ExplainContext) -> dict[str, Any]:
-    import os
     import platform
 
     import torch
@@ -221,6 +221,21 @@ def machine_info(ctx: ExplainContext) -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy seconds of the whole machine, of this process): the share of the CPUs other
+    processes took during a run says how much to trust its absolute times."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+        busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = float("nan")
+    return busy, ru.ru_utime + ru.ru_stime
+
+
 @dataclass
 class ExplainReport:
     results: list[ScenarioResult]
@@ -238,6 +253,7 @@ def run_explain(config: ExplainConfig, log: Callable[[str], None] = print) -> Ex
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    busy0, mine0 = cpu_seconds()
     ctx = ExplainContext(config, log)
     try:
         machine = machine_info(ctx)
@@ -262,6 +278,9 @@ def run_explain(config: ExplainConfig, log: Callable[[str], None] = print) -> Ex
     finally:
         ctx.close()
     machine["seconds"] = time.perf_counter() - started
+    busy1, mine1 = cpu_seconds()
+    others = (busy1 - busy0) - (mine1 - mine0)
+    machine["others_cpu"] = max(0.0, others) / (machine["seconds"] * (os.cpu_count() or 1))
     images = plots.write_plots(results, out)
     text = markdown.render(results, machine, ctx.plan, images)
     write_atomic(out / "report.md", text)

@@ -39,6 +39,10 @@ def x(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.2f}x"
 
 
+def fmt_share(value: float | None) -> str:
+    return "an unknown share" if value is None or math.isnan(value) else f"{100 * value:.0f}%"
+
+
 def pct_slower(ratio: float) -> str:
     """A throughput ratio as words: '23% lower', '4% higher'."""
     if math.isnan(ratio):
@@ -200,7 +204,8 @@ def render(results: list[ScenarioResult], machine: dict[str, Any], plan: Plan,
              f"torch {m['torch']}); {m['mode']} run of {m['seconds']:.0f} s on {m['date']}.", "",
              "Every ratio is the median of pairwise ratios from interleaved runs (A B A B ...) in this "
              "one process, after a warm-up; absolute times move with the machine's load "
-             f"(load average at the start: {', '.join(f'{v:.2f}' for v in m['load_average'] or [])}), "
+             f"(load average at the start: {', '.join(f'{v:.2f}' for v in m['load_average'] or [])}; "
+             f"other processes used {fmt_share(m.get('others_cpu'))} of the machine's CPU time during the run), "
              "ratios much less.", ""]
     lines += answers(f) + recommendation(f)
     lines += ["## The measurements", ""]

@@ -8,7 +8,6 @@ their scenarios say "not measured" with the error the constructor gave.
 """
 from __future__ import annotations
 
-import gc
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -120,14 +119,11 @@ def merged(ctx: ExplainContext) -> ScenarioResult:
         return ScenarioResult.not_measured("merged", title, question, f"{type(e).__name__}: {e}")
     result = ScenarioResult("merged", title, question)
     out = ctx.plan.output_len
-    try:
-        throughput_rows(ctx, "merged", lambda c: {"base": lora_arm(ctx.llm, None, out),
-                                                  "unmerged": lora_arm(ctx.llm, ctx.user, out),
-                                                  "merged": lora_arm(merged_llm, None, out)},
-                        result, ctx.plan.concurrencies, also=("merged", "unmerged"))
-    finally:
-        del merged_llm
-        gc.collect()
+    # merged_llm is freed when this returns (run_explain collects between scenarios).
+    throughput_rows(ctx, "merged", lambda c: {"base": lora_arm(ctx.llm, None, out),
+                                              "unmerged": lora_arm(ctx.llm, ctx.user, out),
+                                              "merged": lora_arm(merged_llm, None, out)},
+                    result, ctx.plan.concurrencies, also=("merged", "unmerged"))
     return result
 
 
@@ -151,14 +147,10 @@ def speculative(ctx: ExplainContext) -> ScenarioResult:
         return ScenarioResult.not_measured("speculative", title, question, f"{type(e).__name__}: {e}")
     result = ScenarioResult("speculative", title, question)
     out = ctx.plan.output_len
-    try:
-        throughput_rows(ctx, "spec", lambda c: {
-            "base": lora_arm(ctx.llm, None, out), "unmerged": lora_arm(ctx.llm, ctx.user, out),
-            "unmerged + speculative": lora_arm(spec_llm, ctx.user, out)},
-            result, ctx.plan.concurrencies, also=("unmerged + speculative", "unmerged"))
-    finally:
-        del spec_llm
-        gc.collect()
+    throughput_rows(ctx, "spec", lambda c: {
+        "base": lora_arm(ctx.llm, None, out), "unmerged": lora_arm(ctx.llm, ctx.user, out),
+        "unmerged + speculative": lora_arm(spec_llm, ctx.user, out)},
+        result, ctx.plan.concurrencies, also=("unmerged + speculative", "unmerged"))
     result.notes.append("prompts are random words; acceptance, and so the gain, depends on how "
                         "predictable your real traffic is")
     return result
@@ -220,8 +212,7 @@ def registered(ctx: ExplainContext) -> ScenarioResult:
         res = measure_arms(ctx, "registered", {f"{len(traffic)} registered": arm(few),
                                                f"{len(traffic) + n} registered": arm(many)}, c)
     finally:
-        del few, many
-        gc.collect()
+        del few, many  # two engines' memory, before the next scenario
     names = list(res)
     result.columns = ["arm", "output tok/s", f"vs {names[0]}"]
     for name in names:
@@ -281,13 +272,9 @@ def peer(ctx: ExplainContext) -> ScenarioResult:
         return ScenarioResult.not_measured("peer", title, question, f"not installed ({e})")
     result = ScenarioResult("peer", title, question)
     out = ctx.plan.output_len
-    try:
-        throughput_rows(ctx, "peer", lambda c: {
-            "transformers + PEFT": lambda prompts: hf.generate(prompts, out),
-            "loraplex unmerged": lora_arm(ctx.llm, ctx.user, out)}, result, ctx.plan.peer_concurrencies)
-    finally:
-        del hf
-        gc.collect()
+    throughput_rows(ctx, "peer", lambda c: {
+        "transformers + PEFT": lambda prompts: hf.generate(prompts, out),
+        "loraplex unmerged": lora_arm(ctx.llm, ctx.user, out)}, result, ctx.plan.peer_concurrencies)
     return result
 
 
