@@ -13,9 +13,11 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -427,3 +429,72 @@ def median_step_rate(times: Sequence[float], tokens_per_step: int) -> float:
     ``token_timer``'s ``times``): the same robust rate as ``pure_decode_rate``'s."""
     gaps = [b - a for a, b in zip(times, times[1:])]
     return tokens_per_step / statistics.median(gaps) if gaps else float("nan")
+
+
+# ---- output, adapters and engine runs shared by the LoRA benchmarks ------------------------
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def make_peft_adapter(model_path: Path, folder: Path, seed: int, **lora_kwargs) -> None:
+    """A real PEFT adapter on the base (bf16), lora_B ~ N(0, 0.02), saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    del model, base
+
+
+def drop_from_page_cache(file: Path) -> None:
+    """Flush ``file`` and ask the kernel to drop its cached pages, so the next read is from disk."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def clone_adapter(src: Path, dst: Path, seed: int, cold: bool = False) -> Path:
+    """Copy of ``src`` with every lora_B redrawn from N(0, 0.02) (seeded): new content, same shapes."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    shutil.copyfile(src / CONFIG_FILE, dst / CONFIG_FILE)
+    tensors = load_file(src / WEIGHTS_FILE)
+    g = torch.Generator().manual_seed(seed)
+    out = {k: (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype) if "lora_B" in k else t
+           for k, t in tensors.items()}
+    save_file(out, dst / WEIGHTS_FILE, metadata={"format": "pt"})
+    if cold:
+        drop_from_page_cache(dst / CONFIG_FILE)
+        drop_from_page_cache(dst / WEIGHTS_FILE)
+    return dst
+
+
+def lp_generate(llm, prompts, params, loras=None) -> dict:
+    """One ``LLM.generate`` call, its pure decode rate and whole-call throughput."""
+    with record_steps(llm.engine) as steps:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, lora=loras)
+        wall = time.perf_counter() - t0
+    bad = [o for o in outs if o.error is not None or len(o.token_ids) != params.max_tokens]
+    assert not bad, f"loraplex: {bad[0].error or f'{len(bad[0].token_ids)} tokens, expected {params.max_tokens}'}"
+    dec = pure_decode_rate(steps, len(prompts))
+    return {"decode_tok_s": dec["median_tok_s"], "mean_tok_s": dec["tok_s"],
+            "tok_s": sum(len(o.token_ids) for o in outs) / wall,
+            "wall_s": wall, "ttft_s": statistics.median(o.metrics.ttft_s for o in outs),
+            "step_s": len(prompts) / dec["median_tok_s"]}  # median pure decode step (full batch)

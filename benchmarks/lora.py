@@ -66,8 +66,6 @@ import argparse
 import gc
 import json
 import math
-import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -79,8 +77,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    CpuMeter, fmt_list, human_bytes, interleave, left_pad, machine_lines, measure_bandwidth, median_ratio,
-    median_step_rate, others_cpu, pure_decode_rate, random_prompts, ratios, record_steps, token_timer, verdict,
+    CONFIG_FILE, WEIGHTS_FILE, CpuMeter, clone_adapter, fmt_list, human_bytes, interleave, left_pad, lp_generate,
+    machine_lines, make_peft_adapter, measure_bandwidth, median_ratio, median_step_rate, others_cpu,
+    random_prompts, ratios, say, token_timer, verdict,
 )
 
 TARGET_WARM_TTFT = 1.05  # adapter / base TTFT, at most
@@ -93,60 +92,10 @@ TARGET_REG = 0.05  # 1000 vs 4 registered: |ratio - 1| at most
 TARGET_PEFT_MIXED = 5.0  # loraplex / PEFT decode throughput, 4 mixed adapters at 8, at least
 QUIET = 0.10  # other processes' median share of the CPUs above which the run is flagged noisy
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def say(line: str = "") -> None:
-    print(line, flush=True)
-
-
 # ---- adapters ------------------------------------------------------------------------------
-
-
-def make_peft_adapter(model_path: Path, folder: Path, seed: int, **lora_kwargs) -> None:
-    """A real PEFT adapter on the base (bf16), lora_B ~ N(0, 0.02), saved with save_pretrained."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    model.save_pretrained(folder)
-    del model, base
-
-
-def drop_from_page_cache(file: Path) -> None:
-    """Flush ``file`` and ask the kernel to drop its cached pages, so the next read is from disk."""
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def clone_adapter(src: Path, dst: Path, seed: int, cold: bool = False) -> Path:
-    """Copy of ``src`` with every lora_B redrawn from N(0, 0.02) (seeded): new content, same shapes."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True)
-    shutil.copyfile(src / CONFIG_FILE, dst / CONFIG_FILE)
-    tensors = load_file(src / WEIGHTS_FILE)
-    g = torch.Generator().manual_seed(seed)
-    out = {k: (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype) if "lora_B" in k else t
-           for k, t in tensors.items()}
-    save_file(out, dst / WEIGHTS_FILE, metadata={"format": "pt"})
-    if cold:
-        drop_from_page_cache(dst / CONFIG_FILE)
-        drop_from_page_cache(dst / WEIGHTS_FILE)
-    return dst
 
 
 def adapter_params(folder: Path) -> int:
@@ -172,21 +121,6 @@ def engine_layout_params(engine, rank: int, targets: set[str]) -> int:
 
 
 # ---- runs ----------------------------------------------------------------------------------
-
-
-def lp_generate(llm, prompts, params, loras=None) -> dict:
-    """One ``LLM.generate`` call, its pure decode rate and whole-call throughput."""
-    with record_steps(llm.engine) as steps:
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, lora=loras)
-        wall = time.perf_counter() - t0
-    bad = [o for o in outs if o.error is not None or len(o.token_ids) != params.max_tokens]
-    assert not bad, f"loraplex: {bad[0].error or f'{len(bad[0].token_ids)} tokens, expected {params.max_tokens}'}"
-    dec = pure_decode_rate(steps, len(prompts))
-    return {"decode_tok_s": dec["median_tok_s"], "mean_tok_s": dec["tok_s"],
-            "tok_s": sum(len(o.token_ids) for o in outs) / wall,
-            "wall_s": wall, "ttft_s": statistics.median(o.metrics.ttft_s for o in outs),
-            "step_s": len(prompts) / dec["median_tok_s"]}  # median pure decode step (full batch)
 
 
 def engine_request(engine, prompt, params, lora=None):

@@ -1,4 +1,4 @@
-"""Command line: ``loraplex serve | generate | pull | bench | explain``.
+"""Command line: ``loraplex serve | generate | merge | pull | bench | explain``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -90,6 +90,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from loraplex.config import DTYPES
+    from loraplex.lora.merge import merge_to_folder
+    from loraplex.models.registry import resolve_model
+
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"weights: expected comma-separated numbers, got {args.weights!r}") from None
+    print(merge_to_folder(resolve_model(args.model), args.adapter, Path(args.out), weights,
+                          DTYPES[args.dtype]))
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from loraplex.models.registry import pull
 
@@ -120,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", default=None, help="A PEFT LoRA folder to apply (unmerged).")
     add_engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    mg = sub.add_parser("merge", help="Merge adapters into the base: a standalone Hugging Face "
+                        "folder that transformers and loraplex load.")
+    mg.add_argument("--model", default="smollm2-135m", help="Base: embedded name or HF folder.")
+    mg.add_argument("--adapter", action="append", required=True, metavar="PATH",
+                    help="A PEFT LoRA folder (repeat to merge several).")
+    mg.add_argument("--weights", default=None, metavar="W1,W2,...",
+                    help="One weight per adapter: the merge adds sum(w_i * delta_i); default 1 each.")
+    mg.add_argument("--out", required=True, help="New folder to write (must not exist).")
+    mg.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                    help="Dtype of the written weights; the sum is computed in float32.")
+    mg.set_defaults(func=cmd_merge)
 
     pl = sub.add_parser("pull", help="Convert an embedded model into the local cache now.")
     pl.add_argument("name", nargs="?", default="smollm2-135m")

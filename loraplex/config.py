@@ -44,6 +44,8 @@ class ModelConfig:
                                       "model's own context.", default=None)
     num_threads: int | None = _help("CPU threads; default the cores this process may use.",
                                     default=None)
+    merge: str | None = _help("A PEFT adapter folder merged into the weights at load: a "
+                              "dedicated deployment of that adapter at base speed.", default=None)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -111,6 +113,15 @@ class LoRAConfig:
     max_cpu_loras: int = _help("Adapters kept loaded in host memory (LRU).", default=64)
     max_lora_wait_steps: int = _help("Steps a request may be passed over for want of an "
                                      "adapter slot before admissions wait for it.", default=64)
+    auto_merge: bool = _help("Merge an adapter into the weights while it dominates the recent "
+                             "traffic, and unmerge when the mix changes; other requests stay "
+                             "exact (the merged delta is taken out for them).", default=False)
+    auto_merge_share: float = _help("Share of the recent tokens one adapter must have to be "
+                                    "merged; it is unmerged when its share falls below 0.5, "
+                                    "where taking its delta out for the others costs more "
+                                    "than it saves.", default=0.7)
+    auto_merge_window: int = _help("Steps of traffic the auto-merge decision looks back on.",
+                                   default=64)
 
     def __post_init__(self) -> None:
         if self.max_loras < 0:
@@ -122,6 +133,12 @@ class LoRAConfig:
                              f"got {self.max_cpu_loras}")
         if self.max_lora_wait_steps < 1:
             raise ValueError(f"max_lora_wait_steps: must be >= 1, got {self.max_lora_wait_steps}")
+        if not 0.5 < self.auto_merge_share <= 1:
+            raise ValueError(f"auto_merge_share: must be in (0.5, 1], got {self.auto_merge_share}")
+        if self.auto_merge_window < 1:
+            raise ValueError(f"auto_merge_window: must be >= 1, got {self.auto_merge_window}")
+        if self.auto_merge and not self.max_loras:
+            raise ValueError("auto_merge: needs LoRA serving on (max_loras >= 1)")
 
 
 @dataclass(frozen=True)
@@ -175,8 +192,10 @@ class ServerConfig:
                                 "files), in MiB; past it, 413.", default=256)
     drain_seconds: float = _help("On SIGTERM, how long in-flight requests may finish before "
                                  "they are aborted.", default=30.0)
-    mode: str = _help("shared: many unmerged adapters on one base (the only mode so far; "
-                      "dedicated, one merged adapter, is not built yet).", default="shared")
+    mode: str = _help("shared: many unmerged adapters on one base. dedicated: the --merge "
+                      "adapter merged into the weights, served at base speed under its "
+                      "folder's name (or --served-model-name), and nothing else.",
+                      default="shared")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -189,6 +208,3 @@ class ServerConfig:
             raise ValueError(f"drain_seconds: must be >= 0, got {self.drain_seconds}")
         if self.mode not in SERVER_MODES:
             raise ValueError(f"mode: expected one of {SERVER_MODES}, got {self.mode!r}")
-        if self.mode == "dedicated":
-            raise ValueError("mode: 'dedicated' (one merged adapter at base speed) is not "
-                             "implemented yet; use 'shared'")

@@ -47,6 +47,15 @@ class LLM:
             raise
         return [engine.output_of(seq) for seq in seqs]
 
+    def merge(self, lora: LoRARequest) -> None:
+        """Merge ``lora`` into the live weights until ``unmerge()``: its requests run at base
+        speed; requests for the base or other adapters stay exact."""
+        self.engine.merge_lora(lora)
+
+    def unmerge(self) -> None:
+        """Put the base weights back, bit for bit."""
+        self.engine.unmerge_lora()
+
     def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
              params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """``conversations``: one list of {"role", "content"} messages, or a list of them."""

@@ -8,18 +8,22 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 
 import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from loraplex.engine.stop import check_stop, is_stop_token, take_streamable_text
+from loraplex.lora.adapter import LoRAAdapter, load_adapter
+from loraplex.lora.auto_merge import AutoMergePolicy
 from loraplex.lora.cache import AdapterCache
+from loraplex.lora.merge import LiveMerge
 from loraplex.lora.request import LoRARequest
-from loraplex.models.loader import load_model, read_arch
+from loraplex.models.loader import CheckpointReader, load_model, read_arch
 from loraplex.models.registry import resolve_model
 from loraplex.models.tokenizer import Tokenizer
 from loraplex.sampling import SamplingParams
@@ -37,6 +41,11 @@ class LLMEngine:
         self.arch = read_arch(self.model_path)
         self.tokenizer = Tokenizer(self.model_path)
         model = load_model(self.model_path, self.dtype, self.device)
+        self.merged_adapter: LoRAAdapter | None = None  # merged for good (dedicated)
+        if mc.merge is not None:
+            # Offline there are no slots, so no rank limit; the base copies are dropped.
+            self.merged_adapter = load_adapter(mc.merge, self.arch, max_lora_rank=1 << 20)
+            LiveMerge(model, CheckpointReader(self.model_path), [self.merged_adapter])
         model.pack_weights()
 
         cc = config.cache
@@ -52,6 +61,10 @@ class LLMEngine:
                                   lc.max_loras, lc.max_lora_rank)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.auto_merge = (AutoMergePolicy(lc.auto_merge_share, lc.auto_merge_window)
+                           if lc.auto_merge else None)
+        self.live_merged: LoRAAdapter | None = None  # merged at run time (merge_lora or auto-merge)
+        self._checkpoint: CheckpointReader | None = None  # base values for run-time merges
         logger.info("loaded %s (%s, %s) with %d KV blocks; max_model_len %d", self.model_path,
                     self.dtype, self.device, num_blocks, self.max_model_len)
 
@@ -132,6 +145,8 @@ class LLMEngine:
                 return failed
             time.sleep(0.001)  # only adapter loads are in flight
             return failed
+        if self.auto_merge is not None:
+            self._auto_merge_step(batch)
         if self.adapters is not None:
             self.runner.load_adapters(self.adapters.take_pending_loads())
         sampled = self.runner.execute(batch)
@@ -141,6 +156,65 @@ class LLMEngine:
         now = time.monotonic()
         return failed + [self._append_token(seq, token_id, logprob, now)
                          for seq, token_id, logprob in sampled]
+
+    # ---- run-time merge ------------------------------------------------------------------
+
+    def merge_lora(self, lora: LoRARequest) -> None:
+        """Merge ``lora`` into the live weights: its requests then run at base speed, all
+        others stay exact (its delta is taken out for them). Undo with ``unmerge_lora``;
+        with ``auto_merge`` on, the policy may undo it too."""
+        if self.adapters is None:
+            raise ValueError("lora: run-time merging needs LoRA serving on (max_loras >= 1)")
+        adapter = self.adapters.load_now(lora)
+        if self.live_merged is not None and self.live_merged.content_hash == adapter.content_hash:
+            return
+        if not self.adapters.can_activate(adapter):
+            raise ValueError(f"lora: {lora.name!r} cannot be merged now: every adapter slot "
+                             "is held by running requests")
+        self.unmerge_lora()
+        self._merge(adapter)
+
+    def unmerge_lora(self) -> None:
+        """Restore the base weights bit for bit (no-op when nothing is merged)."""
+        if self.live_merged is None:
+            return
+        slot = self.runner.merged_slot
+        self.runner.unmerge_adapter()
+        self.adapters.release(slot)
+        self.adapters.stats.unmerges += 1
+        logger.info("unmerged adapter %s", self.live_merged.name)
+        self.live_merged = None
+
+    def _merge(self, adapter: LoRAAdapter) -> None:
+        slot = self.adapters.activate(adapter)  # held while merged: the unmerge path reads it
+        self.runner.load_adapters(self.adapters.take_pending_loads())
+        if self._checkpoint is None:
+            self._checkpoint = CheckpointReader(self.model_path)
+        self.runner.merge_adapter(slot, adapter, self._checkpoint)
+        self.live_merged = adapter
+        self.adapters.stats.merges += 1
+        logger.info("merged adapter %s into the weights", adapter.name)
+
+    def _auto_merge_step(self, batch: ScheduledBatch) -> None:
+        """Count this step's tokens by adapter; merge or unmerge when the policy says so."""
+        tokens: Counter[str | None] = Counter()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            tokens[seq.adapter.content_hash if seq.adapter is not None else None] += n
+        self.auto_merge.observe(tokens)
+        current = self.live_merged.content_hash if self.live_merged is not None else None
+        wanted = self.auto_merge.wanted(current)
+        if wanted == current:
+            return
+        adapter = self.adapters.host.get(wanted) if wanted is not None else None
+        if wanted is not None and (adapter is None or not self.adapters.can_activate(adapter)):
+            return  # evicted from host memory, or every slot is busy: try again later
+        logger.info("auto-merge: %s (share threshold %.2f, window %d steps)",
+                    f"merging {adapter.name}" if adapter else "unmerging",
+                    self.auto_merge.share, self.auto_merge.window)
+        self.unmerge_lora()
+        if adapter is not None:
+            self._merge(adapter)
+        self.auto_merge.switched()
 
     def _collect_adapter_loads(self) -> list[RequestOutput]:
         """Hand finished adapter loads to their waiting sequences; fail those whose

@@ -15,9 +15,11 @@ from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.engine.sequence import Sequence
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.layers import attach_lora_stacks, load_into_slot
+from loraplex.lora.merge import LiveMerge
 from loraplex.lora.ops import LoRAMapping
 from loraplex.models.attention import AttentionMetadata, PrefillChunk
 from loraplex.models.llama import LlamaModel
+from loraplex.models.loader import CheckpointReader
 from loraplex.sampling import TokenLogprob
 
 
@@ -31,6 +33,10 @@ class ModelRunner:
         self.device = device
         self.lora_stacks = attach_lora_stacks(model, max_loras, max_lora_rank) if max_loras else []
         self.slot_ranks: dict[int, int] = {}
+        # The adapter merged into the weights (auto-merge): its slot stays loaded so its
+        # delta can be taken out for every other token.
+        self.merged_slot = -1
+        self._live_merge: LiveMerge | None = None
         # [layers, k|v, slots, kv_heads, head_dim]
         self.kv_caches = torch.zeros(arch.num_layers, 2, num_blocks * block_size,
                                      arch.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
@@ -46,6 +52,17 @@ class ModelRunner:
             load_into_slot(self.lora_stacks, slot, adapter)
             self.slot_ranks[slot] = adapter.max_rank
 
+    def merge_adapter(self, slot: int, adapter: LoRAAdapter, checkpoint: CheckpointReader) -> None:
+        """Merge the adapter in ``slot`` (already loaded there) into the weights."""
+        assert self._live_merge is None and self.slot_ranks.get(slot) == adapter.max_rank
+        self._live_merge = LiveMerge(self.model, checkpoint, [adapter])
+        self.merged_slot = slot
+
+    def unmerge_adapter(self) -> None:
+        assert self._live_merge is not None
+        self._live_merge.unmerge()
+        self._live_merge, self.merged_slot = None, -1
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         """Run one step; returns (sequence, sampled token, logprobs) for each that samples."""
@@ -54,9 +71,9 @@ class ModelRunner:
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self._prepare(seqs, counts)
         lora = None
-        if any(seq.lora_slot >= 0 for seq in seqs):
+        if self.merged_slot >= 0 or any(seq.lora_slot >= 0 for seq in seqs):
             token_slots = [seq.lora_slot for seq, n in zip(seqs, counts) for _ in range(n)]
-            lora = LoRAMapping.build(token_slots, self.slot_ranks, self.device)
+            lora = LoRAMapping.build(token_slots, self.slot_ranks, self.device, self.merged_slot)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, lora)
 
         # The last row of each sequence that is now fully computed predicts its next token.

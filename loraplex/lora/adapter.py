@@ -21,14 +21,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from loraplex.models.llama import ModelArch
-from loraplex.models.loader import PACKED_MODULES_MAPPING
+from loraplex.models.loader import MODULE_BLOCKS as _BLOCK
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-assert set(_BLOCK) == set(PACKED_MODULES_MAPPING)
 _NOT_LORA_TARGETS = ("model.embed_tokens", "lm_head")
 # Config fields that, when set, change what the adapter computes in ways we do not implement.
 _UNSUPPORTED_FIELDS = ("use_dora", "modules_to_save", "lora_bias", "target_parameters",

@@ -31,6 +31,8 @@ class AdapterStats:
     host_evictions: int = 0
     loads: int = 0
     load_seconds: float = 0.0  # disk -> validated host copy, summed
+    merges: int = 0  # run-time merges into the live weights (engine/engine.py)
+    unmerges: int = 0
 
 
 class AdapterCache:

@@ -49,10 +49,11 @@ class LoRAStack:
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
         """out: [N, out] base result, x: [N, in]; adds each token's adapter delta in place."""
-        # Skip the groups whose adapters do not target this projection at all.
-        groups = [g for g in mapping.groups if any(self.has_weights[s] for s in g.slots)]
-        if groups:
-            add_lora(out, x, groups, self.a_stack, self.b_stack, len(self.slice_names))
+        for groups, alpha in ((mapping.groups, 1.0), (mapping.unmerge_groups, -1.0)):
+            # Skip the groups whose adapters do not target this projection at all.
+            groups = [g for g in groups if any(self.has_weights[s] for s in g.slots)]
+            if groups:
+                add_lora(out, x, groups, self.a_stack, self.b_stack, len(self.slice_names), alpha)
 
 
 def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list[dict[str, LoRAStack]]:

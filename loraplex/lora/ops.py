@@ -40,51 +40,70 @@ class RankGroup:
 
 @dataclass(slots=True)
 class LoRAMapping:
-    """Which slot each token of one step uses; built once, shared by every projection."""
+    """Which slot each token of one step uses; built once, shared by every projection.
 
-    token_slots: torch.Tensor  # [N] long, -1 = base model only
+    With an adapter merged into the base weights (lora/merge.py, auto-merge), its tokens
+    need nothing, and every other token must have the merged delta taken out again:
+    ``unmerge_groups`` map those tokens to the merged adapter's slot, subtracted.
+    """
+
     groups: list[RankGroup]
+    unmerge_groups: list[RankGroup]
 
     @classmethod
-    def build(cls, token_slots: list[int], slot_ranks: dict[int, int],
-              device: torch.device) -> "LoRAMapping | None":
-        """token_slots: the slot of each token (-1 for none); slot_ranks: rank per slot."""
-        by_slot: dict[int, list[int]] = {}
-        for row, slot in enumerate(token_slots):
-            if slot >= 0:
-                by_slot.setdefault(slot, []).append(row)
-        if not by_slot:
+    def build(cls, token_slots: list[int], slot_ranks: dict[int, int], device: torch.device,
+              merged_slot: int = -1) -> "LoRAMapping | None":
+        """token_slots: the slot of each token (-1 for none); slot_ranks: rank per slot;
+        merged_slot: the slot of the adapter merged into the weights (-1 for none)."""
+        if merged_slot < 0:
+            groups, unmerge_groups = _rank_groups(token_slots, slot_ranks, device), []
+        else:
+            own = [-1 if s == merged_slot else s for s in token_slots]
+            out = [-1 if s == merged_slot else merged_slot for s in token_slots]
+            groups = _rank_groups(own, slot_ranks, device)
+            unmerge_groups = _rank_groups(out, slot_ranks, device)
+        if not groups and not unmerge_groups:
             return None
-        by_rank: dict[int, list[int]] = {}
-        for slot in sorted(by_slot):
-            by_rank.setdefault(slot_ranks[slot], []).append(slot)
-        parts = []
-        for rank, slots in sorted(by_rank.items()):
-            # Padding every segment to the longest must not cost more than the tokens
-            # themselves (one long prefill beside decodes): then each slot goes alone.
-            longest = max(len(by_slot[s]) for s in slots)
-            if longest * len(slots) > 2 * sum(len(by_slot[s]) for s in slots):
-                parts += [(rank, [s]) for s in slots]
-            else:
-                parts.append((rank, slots))
-        groups = []
-        for rank, slots in parts:
-            rows = [r for s in slots for r in by_slot[s]]
-            seg_len = max(len(by_slot[s]) for s in slots)
-            pad_index = None
-            if len(slots) > 1:
-                pad_index = torch.tensor([i * seg_len + j for i, s in enumerate(slots)
-                                          for j in range(len(by_slot[s]))], device=device)
-            groups.append(RankGroup(rank, slots, torch.tensor(slots, device=device),
-                                    torch.tensor(rows, device=device), seg_len, pad_index))
-        return cls(torch.tensor(token_slots, device=device), groups)
+        return cls(groups, unmerge_groups)
+
+
+def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],
+                 device: torch.device) -> list[RankGroup]:
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(token_slots):
+        if slot >= 0:
+            by_slot.setdefault(slot, []).append(row)
+    by_rank: dict[int, list[int]] = {}
+    for slot in sorted(by_slot):
+        by_rank.setdefault(slot_ranks[slot], []).append(slot)
+    parts = []
+    for rank, slots in sorted(by_rank.items()):
+        # Padding every segment to the longest must not cost more than the tokens
+        # themselves (one long prefill beside decodes): then each slot goes alone.
+        longest = max(len(by_slot[s]) for s in slots)
+        if longest * len(slots) > 2 * sum(len(by_slot[s]) for s in slots):
+            parts += [(rank, [s]) for s in slots]
+        else:
+            parts.append((rank, slots))
+    groups = []
+    for rank, slots in parts:
+        rows = [r for s in slots for r in by_slot[s]]
+        seg_len = max(len(by_slot[s]) for s in slots)
+        pad_index = None
+        if len(slots) > 1:
+            pad_index = torch.tensor([i * seg_len + j for i, s in enumerate(slots)
+                                      for j in range(len(by_slot[s]))], device=device)
+        groups.append(RankGroup(rank, slots, torch.tensor(slots, device=device),
+                                torch.tensor(rows, device=device), seg_len, pad_index))
+    return groups
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
-             a_stack: torch.Tensor, b_stack: torch.Tensor, num_slices: int) -> None:
-    """out[t] += B_s (A_s x[t]) for every token t of ``groups`` (slot s); in place.
+             a_stack: torch.Tensor, b_stack: torch.Tensor, num_slices: int,
+             alpha: float = 1.0) -> None:
+    """out[t] += alpha * B_s (A_s x[t]) for every token t of ``groups`` (slot s); in place.
 
-    out: [N, out], x: [N, in].
+    out: [N, out], x: [N, in]; alpha -1 takes a merged adapter's delta out.
     """
     for g in groups:
         k = num_slices * g.rank
@@ -92,7 +111,7 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
             slot = g.slots[0]
             a, b = a_stack[slot, :k], b_stack[slot, :, :k]  # [k, in], [out, k]
             if g.rows.numel() == x.shape[0]:  # the whole batch: no gather, no scatter
-                out.addmm_(x @ a.T, b.T)
+                out.addmm_(x @ a.T, b.T, alpha=alpha)
                 continue
             delta = (x.index_select(0, g.rows) @ a.T) @ b.T  # [n, out]
         else:
@@ -103,7 +122,7 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
             b = b_stack.index_select(0, g.slot_ids)[:, :, :k]  # [S, out, k]
             h = torch.bmm(padded.view(num, seg, -1), a.transpose(1, 2))  # [S, L, k]
             delta = torch.bmm(h, b.transpose(1, 2)).flatten(0, 1)[g.pad_index]  # [n, out]
-        out.index_add_(0, g.rows, delta)
+        out.index_add_(0, g.rows, delta, alpha=alpha)
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, token_slots: list[int],

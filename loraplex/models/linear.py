@@ -46,6 +46,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.is_packed = True
 
+    def swap_weight(self, weight: nn.Parameter, is_packed: bool) -> tuple[nn.Parameter, bool]:
+        """Serve ``weight`` from now on (packed or plain as told); returns what it replaced,
+        so a merge can later put the very same tensor back."""
+        previous = (self.weight, self.is_packed)
+        self.weight, self.is_packed = weight, is_packed
+        return previous
+
     def forward(self, x: torch.Tensor, lora: LoRAMapping | None = None) -> torch.Tensor:
         """x: [N, in] -> [N, out]; ``lora`` maps tokens to adapter slots for this step."""
         if self.is_packed:

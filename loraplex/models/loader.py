@@ -21,6 +21,10 @@ PACKED_MODULES_MAPPING: dict[str, tuple[str, int]] = {
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     "o_proj": ("o_proj", 0), "down_proj": ("down_proj", 0),
 }
+# HF projection name -> the block that holds it (model.layers.{i}.{block}.{name}).
+MODULE_BLOCKS: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 _NORMS = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm"}
@@ -42,6 +46,27 @@ def safetensors_files(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"model: {str(folder)!r} has no *.safetensors weights")
     return files
+
+
+class CheckpointReader:
+    """Tensors of a safetensors folder (sharded or not) by Hugging Face name, read lazily
+    from the memory-mapped files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.files = safetensors_files(folder)
+        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        self.file_of = {name: i for i, h in enumerate(self._handles) for name in h.keys()}
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self.file_of[name]].get_tensor(name)
+
+
+def hf_weight_name(layer: int, module: str) -> str:
+    """``model.layers.{layer}.{self_attn|mlp}.{module}.weight`` for an HF projection name."""
+    return f"model.layers.{layer}.{MODULE_BLOCKS[module]}.{module}.weight"
 
 
 def slice_rows(arch: ModelArch, fused: str, index: int) -> tuple[int, int]:

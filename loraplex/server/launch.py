@@ -6,6 +6,7 @@ engine thread and exits with status 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def build_state(engine_config: EngineConfig, config: ServerConfig,
                 startup_adapters: dict[str, str] | None = None,
                 engine: LLMEngine | None = None) -> ServerState:
     """Check everything cheap (keys, registry, adapter root) before the model loads."""
+    engine_config = _for_mode(engine_config, config, startup_adapters)
     auth = ApiKeys.from_file(config.api_keys) if config.api_keys else ApiKeys.open()
     adapter_root = Path(config.adapter_root).expanduser() if config.adapter_root else None
     if adapter_root is not None and not adapter_root.is_dir():
@@ -47,12 +49,33 @@ def build_state(engine_config: EngineConfig, config: ServerConfig,
     async_engine = AsyncEngine(engine, config.max_queue)
     metrics = ServerMetrics(lambda: async_engine.snapshot, lambda: len(registry.all()))
     async_engine.observer = metrics
-    base_model_id = config.served_model_name or engine_config.model.model
+    base_model_id = config.served_model_name or (
+        Path(engine_config.model.merge).name if config.mode == "dedicated"
+        else engine_config.model.model)
     adapters = AdapterService(registry, async_engine, base_model_id, adapter_root,
                               state_dir / "uploads", config.max_upload_mib * 2**20)
     adapters.register_startup(startup_adapters or {})
     return ServerState(engine=async_engine, adapters=adapters, auth=auth, metrics=metrics,
                        config=config, base_model_id=base_model_id, created=int(time.time()))
+
+
+def _for_mode(engine_config: EngineConfig, config: ServerConfig,
+              startup_adapters: dict[str, str] | None) -> EngineConfig:
+    """shared: a base and many unmerged adapters. dedicated: one adapter merged into the
+    weights at load, served at base speed under its own name, and nothing else."""
+    merge = engine_config.model.merge
+    if config.mode == "shared":
+        if merge is not None:
+            raise ValueError("merge: a merged adapter is served with --mode dedicated")
+        return engine_config
+    if merge is None:
+        raise ValueError("mode: 'dedicated' serves one merged adapter: give it with --merge PATH")
+    if startup_adapters:
+        raise ValueError("adapter: --mode dedicated serves only the --merge adapter")
+    if not Path(merge).expanduser().is_dir():
+        raise ValueError(f"merge: {merge!r} is not a folder")
+    lora = dataclasses.replace(engine_config.lora, max_loras=0, auto_merge=False)
+    return dataclasses.replace(engine_config, lora=lora)
 
 
 class DrainingServer(uvicorn.Server):

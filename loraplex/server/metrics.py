@@ -129,3 +129,9 @@ class _EngineCollector(Collector):
                                   "from disk.", value=a.loads)
         yield CounterMetricFamily("loraplex:adapter_load_seconds", "Time spent reading and "
                                   "validating adapters from disk.", value=a.load_seconds)
+        merges = CounterMetricFamily("loraplex:adapter_runtime_merges", "Adapters merged into "
+                                     "or unmerged from the live weights (auto-merge), by "
+                                     "action (merge, unmerge).", labels=["action"])
+        merges.add_metric(["merge"], a.merges)
+        merges.add_metric(["unmerge"], a.unmerges)
+        yield merges
