@@ -128,11 +128,13 @@ def merged(ctx: ExplainContext) -> ScenarioResult:
 
 
 def speculative_config(ctx: ExplainContext) -> Any:
+    """The spec branch's SpecConfig: a draft model (--draft) or n-gram prompt lookup; the
+    number of draft tokens left to its automatic choice."""
     from loraplex.config import SpecConfig  # type: ignore[attr-defined]
 
     if ctx.config.draft:
-        return SpecConfig(method="draft", draft_model=ctx.config.draft, num_speculative_tokens=4)
-    return SpecConfig(method="ngram", num_speculative_tokens=4)
+        return SpecConfig(method="draft", draft_model=str(ctx.config.draft))
+    return SpecConfig(method="ngram")
 
 
 def speculative(ctx: ExplainContext) -> ScenarioResult:
@@ -153,6 +155,10 @@ def speculative(ctx: ExplainContext) -> ScenarioResult:
         result, ctx.plan.concurrencies, also=("unmerged + speculative", "unmerged"))
     result.notes.append("prompts are random words; acceptance, and so the gain, depends on how "
                         "predictable your real traffic is")
+    limit = getattr(speculative_config(ctx), "max_batch_size", None)
+    if limit is not None:
+        result.notes.append(f"speculation is off in steps that run more than {limit} sequences "
+                            "(SpecConfig.max_batch_size)")
     return result
 
 
