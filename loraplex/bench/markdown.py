@@ -9,6 +9,7 @@ from typing import Any
 from loraplex.bench.explain import Plan, ScenarioResult
 from loraplex.bench.scenarios import adapters_label
 
+NOISY = 0.10  # other processes' share of the CPU time above which the report warns
 SAME = 0.05  # ratios within 5% of each other (or of 1) read as "no change"
 _RATIO = re.compile(r"\bvs\b|\w/\w+ (?!ms)|\w/\w+$")  # "x vs y", "a/b c8", "a/b" (not "tok/s")
 
@@ -207,6 +208,11 @@ def render(results: list[ScenarioResult], machine: dict[str, Any], plan: Plan,
              f"(load average at the start: {', '.join(f'{v:.2f}' for v in m['load_average'] or [])}; "
              f"other processes used {fmt_share(m.get('others_cpu'))} of the machine's CPU time during the run), "
              "ratios much less.", ""]
+    others = m.get("others_cpu")
+    if others is not None and not math.isnan(others) and others > NOISY:
+        lines += [f"**Noisy run:** other processes took {fmt_share(others)} of the CPU time while this ran; "
+                  "ratios from few rounds can be far off. Rerun on a quiet machine (or without --quick) "
+                  "before acting on them.", ""]
     lines += answers(f) + recommendation(f)
     lines += ["## The measurements", ""]
     plot_of = {"ttft": "ttft", "shared": "ttft", "concurrency": "concurrency", "merged": "concurrency",
