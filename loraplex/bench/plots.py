@@ -10,11 +10,10 @@ from typing import Any
 from loraplex.bench.explain import ScenarioResult
 from loraplex.bench.stats import write_atomic
 
-# arm name in a scenario's series -> (label, scenario it is taken from)
-THROUGHPUT_CURVES = (("base", "concurrency", "base"), ("unmerged", "concurrency", "unmerged adapter"),
-                     ("merged", "merged", "merged"),
-                     ("unmerged + speculative", "speculative", "adapter + speculative"),
-                     ("transformers + PEFT", "peer", "transformers + PEFT"))
+# (scenario, arm, label): curves of throughput relative to the base model of the same rounds
+RELATIVE_CURVES = (("concurrency", "unmerged", "unmerged adapter"), ("merged", "merged", "merged"),
+                   ("speculative", "unmerged + speculative", "adapter + speculative"))
+COLORS = {"base": "C0", "unmerged": "C1", "merged": "C2", "unmerged + speculative": "C3"}
 
 
 def write_plots(results: list[ScenarioResult], out: Path) -> dict[str, str]:
@@ -51,22 +50,31 @@ def write_plots(results: list[ScenarioResult], out: Path) -> dict[str, str]:
             ax.tick_params(axis="x", labelrotation=15)
         save(fig, "ttft")
 
-    curves = [(label, by_key[key].series["tok_s"][arm], by_key[key].series["concurrency"])
-              for arm, key, label in THROUGHPUT_CURVES
-              if key in by_key and arm in by_key[key].series.get("tok_s", {})]
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, values, concurrencies in curves:
-            ax.plot(concurrencies, values, marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ticks = sorted({c for _, _, cs in curves for c in cs})
-        ax.set_xticks(ticks, [str(c) for c in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel("output tokens / s")
-        ax.set_title("Throughput against concurrency")
-        ax.legend()
-        ax.grid(alpha=0.3)
+    if "concurrency" in by_key:
+        # Absolute rates only side by side from the same rounds; across scenarios (measured
+        # minutes apart, under another load) only ratios to their own base compare.
+        r = by_key["concurrency"]
+        concurrencies = r.series["concurrency"]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for arm, values in r.series["tok_s"].items():
+            left.plot(concurrencies, values, marker="o", label=arm, color=COLORS.get(arm))
+        left.set_ylabel("output tokens / s")
+        left.set_title("Throughput, base vs adapter (same rounds)")
+        right.axhline(1.0, color="gray", linestyle="--", label="base model")
+        for key, arm, label in RELATIVE_CURVES:
+            if key in by_key:
+                rows = [row for row in by_key[key].rows if row["arm"] == arm]
+                right.plot([row["concurrency"] for row in rows], [row["tok/s vs base"] for row in rows],
+                           marker="o", label=label, color=COLORS.get(arm))
+        right.set_ylabel("throughput / base (median of pairwise ratios)")
+        right.set_title("Relative to the base model")
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+            ax.minorticks_off()
+            ax.set_xlabel("concurrent requests")
+            ax.legend()
+            ax.grid(alpha=0.3)
         save(fig, "concurrency")
 
     if "adapters" in by_key:
