@@ -1,16 +1,16 @@
 # Two commands do the whole set-up on a fresh machine:
-#   make demo   set up, then serve the OpenAI API on the embedded default model with two
-#               demo adapters (Ctrl-C stops it)
+#   make demo   set up, then serve the OpenAI API on the embedded default model with the two
+#               trained demo adapters of examples/adapters (Ctrl-C stops it)
 #   make test   set up, then run the test suite (what CI runs)
 VENV ?= .venv
 LORAPLEX_HOME ?= $(HOME)/.cache/loraplex
-DEMO_ADAPTERS := $(LORAPLEX_HOME)/demo-adapters
+DEMO_ADAPTERS := examples/adapters
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench serve-load
+.PHONY: setup demo demo-adapters test bench serve-load
 setup: $(VENV)/.installed
 
 # torch 2.13.0 first: on this project's machines it is a CPU build on local disk; an
@@ -27,10 +27,13 @@ $(VENV)/.installed: pyproject.toml
 # float32: at bfloat16 the 135M model's greedy answers flip on near-ties (e.g. "What is the
 # capital of France?"); float32 answers as transformers does.
 demo: setup
-	$(PY) scripts/demo_adapters.py $(DEMO_ADAPTERS)
 	$(VENV)/bin/loraplex serve --model smollm2-135m --dtype float32 --host $(HOST) --port $(PORT) \
-		--adapter-root $(DEMO_ADAPTERS) \
-		--adapter demo-a=$(DEMO_ADAPTERS)/demo-a --adapter demo-b=$(DEMO_ADAPTERS)/demo-b
+		--adapter-root $(DEMO_ADAPTERS) --adapter json-record=$(DEMO_ADAPTERS)/json-record \
+		--adapter iso-date=$(DEMO_ADAPTERS)/iso-date
+
+# Retrain the shipped demo adapters (fixed seeds; a few minutes each on 2 cores).
+demo-adapters: setup
+	$(PY) scripts/train_demo_adapters.py --out $(DEMO_ADAPTERS)
 
 test: setup
 	$(PY) -m pytest -q

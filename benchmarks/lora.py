@@ -116,7 +116,7 @@ def engine_layout_params(engine, rank: int, targets: set[str]) -> int:
             if not targets & set(PROJECTION_SLICES[name]):
                 continue
             k = len(stack.slice_names) * rank
-            total += k * stack.a_stack.shape[2] + stack.b_stack.shape[1] * k
+            total += k * stack.in_features + stack.out_features * k
     return total
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``loraplex serve | generate | merge | pull | bench | explain``.
+"""Command line: ``loraplex serve | generate | merge | finetune | demo-data | train-draft | pull | bench | explain``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -14,6 +14,7 @@ from typing import Any
 from loraplex.bench.commands import (add_bench_arguments, add_explain_arguments, cmd_bench,
                                      cmd_explain)
 from loraplex.config import CONFIG_PARTS, ServerConfig
+from loraplex.train.config import FinetuneConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +26,20 @@ def add_config_flags(parser: argparse.ArgumentParser, part: type) -> None:
     """One flag per field of the config dataclass ``part``, with the field's help text."""
     group = parser.add_argument_group(part.__name__)
     for f in dataclasses.fields(part):
-        flag = "--" + f.name.replace("_", "-")
+        # metadata["flag"] overrides the flag's name; "repeat" makes it repeatable.
+        flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
         kind = _flag_type(f)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=f.default, help=f.metadata["help"])
+        elif f.metadata.get("repeat"):
+            group.add_argument(flag, dest=f.name, action="append", default=[],
+                               help=f.metadata["help"])
+        elif f.default is dataclasses.MISSING:  # a field without a default is a required flag
+            group.add_argument(flag, dest=f.name, type=kind, required=True, help=f.metadata["help"])
         else:
-            group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                               help=f.metadata["help"])
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,11 +114,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from loraplex.spec.train import DraftTrainConfig, train_draft
+
+    print(train_draft(config_from_args(DraftTrainConfig, args)).summary())
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from loraplex.models.registry import pull
 
     print(pull(args.name, force=args.force))
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from loraplex.train.finetune import cmd_finetune as run
+
+    return run(args)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from loraplex.train.demo_data import cmd_demo_data as run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Dtype of the written weights; the sum is computed in float32.")
     mg.set_defaults(func=cmd_merge)
 
+    from loraplex.spec.train import DraftTrainConfig
+
+    td = sub.add_parser("train-draft", help="Distil a small draft model for a target (and "
+                        "adapter) for speculative decoding; reports acceptance before/after.")
+    add_config_flags(td, DraftTrainConfig)
+    td.set_defaults(func=cmd_train_draft)
+
     pl = sub.add_parser("pull", help="Convert an embedded model into the local cache now.")
     pl.add_argument("name", nargs="?", default="smollm2-135m")
     pl.add_argument("--force", action="store_true", help="Convert again even if cached.")
     pl.set_defaults(func=cmd_pull)
+
+    ft = sub.add_parser("finetune", help="Fine-tune a LoRA adapter on a JSONL file into a PEFT "
+                        "folder (resumes a checkpoint in --out; Ctrl-C keeps it).")
+    add_config_flags(ft, FinetuneConfig)
+    ft.set_defaults(func=cmd_finetune)
+
+    dd = sub.add_parser("demo-data", help="Write a generated demo task as training JSONL.")
+    dd.add_argument("task", help="json-record (a sentence -> a JSON record) or iso-date "
+                    "(a date in 8 styles -> YYYY-MM-DD).")
+    dd.add_argument("--out", required=True, help="The JSONL file to write.")
+    dd.add_argument("--num-examples", type=int, default=400)
+    dd.add_argument("--split", default="train", help="train or eval: the two never share a prompt.")
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(func=cmd_demo_data)
 
     bn = sub.add_parser("bench", help="Load-test a running OpenAI-compatible server: TTFT, "
                         "TPOT, ITL, E2EL and throughput over base and adapters.")

@@ -141,12 +141,89 @@ class LoRAConfig:
             raise ValueError("auto_merge: needs LoRA serving on (max_loras >= 1)")
 
 
+SPEC_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding (loraplex/spec/). Off unless ``method`` is set.
+
+    ``metadata["flag"]`` names a field's CLI flag where the field name alone would be
+    unclear among the other engine flags (``--spec``, not ``--method``).
+    """
+
+    method: str | None = field(default=None, metadata={
+        "help": "Speculative decoding: ngram (prompt lookup, no model) or draft (a small "
+                "model with the same tokenizer); default off.", "flag": "spec"})
+    draft_model: str | None = field(default=None, metadata={
+        "help": "Draft model (HF folder) shared by all requests, for --spec draft.",
+        "flag": "draft"})
+    draft_for: tuple[tuple[str, str], ...] = field(default=(), metadata={
+        "help": "ADAPTER=PATH: a draft model for the requests of that adapter (repeatable); "
+                "it takes precedence over --draft.", "flag": "draft-for", "repeat": True})
+    num_tokens: int | None = field(default=None, metadata={
+        "help": "Draft tokens per step; default: chosen per adapter from the measured "
+                "acceptance rate and draft cost.", "flag": "spec-tokens"})
+    max_spec_tokens: int = field(default=6, metadata={
+        "help": "Most draft tokens per step when they are chosen automatically.",
+        "flag": "spec-max-tokens"})
+    max_spec_seqs: int = field(default=4, metadata={
+        "help": "Speculation is off in steps where more sequences run than this (verifying "
+                "drafts costs compute a large batch no longer has to spare).",
+        "flag": "spec-max-seqs"})
+    ngram_max: int = field(default=4, metadata={
+        "help": "Longest suffix n-gram that prompt lookup matches.", "flag": "ngram-max"})
+    ngram_min: int = field(default=1, metadata={
+        "help": "Shortest suffix n-gram that prompt lookup matches.", "flag": "ngram-min"})
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPEC_METHODS:
+            raise ValueError(f"method: expected one of {SPEC_METHODS} or None, got {self.method!r}")
+        object.__setattr__(self, "draft_for", _adapter_paths(self.draft_for))
+        if self.method == "draft" and not self.draft_model and not self.draft_for:
+            raise ValueError("draft_model: method 'draft' needs a draft model (draft_model or "
+                             "draft_for), got none")
+        if self.method != "draft" and (self.draft_model or self.draft_for):
+            raise ValueError(f"draft_model: given, but method is {self.method!r}, not 'draft'")
+        if self.num_tokens is not None and not 1 <= self.num_tokens <= 32:
+            raise ValueError(f"num_tokens: expected None (auto) or 1-32, got {self.num_tokens}")
+        if not 1 <= self.max_spec_tokens <= 32:
+            raise ValueError(f"max_spec_tokens: expected 1-32, got {self.max_spec_tokens}")
+        if self.max_spec_seqs < 1:
+            raise ValueError(f"max_spec_seqs: must be >= 1, got {self.max_spec_seqs}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram_min: expected 1 <= ngram_min <= ngram_max "
+                             f"({self.ngram_max}), got {self.ngram_min}")
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.method is not None
+
+
+def _adapter_paths(value: Any) -> tuple[tuple[str, str], ...]:
+    """draft_for as a mapping, ("NAME=PATH", ...) from the CLI, or (name, path) pairs."""
+    items = value.items() if isinstance(value, dict) else value or ()
+    pairs: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, str):
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"draft_for: expected ADAPTER=PATH, got {item!r}")
+        else:
+            name, path = item
+        if name in pairs:
+            raise ValueError(f"draft_for: adapter {name!r} is given twice")
+        pairs[str(name)] = str(path)
+    return tuple(pairs.items())
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
 
     @classmethod
     def from_flat(cls, **kwargs: Any) -> "EngineConfig":
@@ -164,7 +241,7 @@ class EngineConfig:
 
 
 CONFIG_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                "lora": LoRAConfig}
+                "lora": LoRAConfig, "spec": SpecConfig}
 
 
 SERVER_MODES = ("shared", "dedicated")

@@ -1,10 +1,11 @@
 """Offline facade: ``LLM(model=...).generate(prompts, params)``."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence as Seq
 from typing import Any
 
-from loraplex.config import EngineConfig
+from loraplex.config import EngineConfig, SpecConfig
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.sequence import RequestOutput
 from loraplex.lora.request import LoRARequest
@@ -17,8 +18,18 @@ class LLM:
     """Runs the engine in-process. Options are the fields of the config dataclasses
     (``dtype``, ``max_model_len``, ``block_size``, ``kv_cache_gib``, ``max_num_seqs``, ...)."""
 
-    def __init__(self, model: str = "smollm2-135m", **options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_flat(model=model, **options))
+    def __init__(self, model: str = "smollm2-135m", speculative: SpecConfig | str | None = None,
+                 **options: Any) -> None:
+        """``speculative``: a SpecConfig, or just its method ("ngram"); default off."""
+        config = EngineConfig.from_flat(model=model, **options)
+        if isinstance(speculative, str):
+            speculative = SpecConfig(method=speculative)
+        if speculative is not None:
+            if not isinstance(speculative, SpecConfig):
+                raise TypeError(f"speculative: expected SpecConfig, a method name or None, "
+                                f"got {type(speculative).__name__}")
+            config = dataclasses.replace(config, spec=speculative)
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt],

@@ -1,9 +1,9 @@
-"""Write small PEFT LoRA adapters for the default model, so ``make demo`` serves adapters a
-user can call at once.
+"""Write small untrained PEFT LoRA adapters for the default model (benchmarks/serve_load.py
+uses them; ``make demo`` serves the trained ones in examples/adapters instead).
 
 They are untrained: PEFT's initialisation with a small random lora_B, so each one shifts the
-model's answers a little while keeping them readable. Real adapters come from fine-tuning
-(``peft`` today); these only show adapters being routed by name. Existing folders are kept.
+model's answers a little while keeping them readable. Trained adapters come from
+``loraplex finetune`` (scripts/train_demo_adapters.py). Existing folders are kept.
 
     python scripts/demo_adapters.py OUT_DIR [--names demo-a demo-b]
 """

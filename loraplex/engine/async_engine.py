@@ -29,6 +29,7 @@ from loraplex.engine.sequence import RequestOutput
 from loraplex.lora.cache import AdapterStats
 from loraplex.lora.request import LoRARequest
 from loraplex.sampling import SamplingParams
+from loraplex.spec.decoder import SpecStats
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +63,7 @@ class EngineSnapshot:
     num_free_blocks: int = 0
     num_blocks: int = 0
     adapter_stats: AdapterStats = field(default_factory=AdapterStats)
+    spec_stats: dict[str | None, SpecStats] = field(default_factory=dict)  # by adapter name
 
 
 class AsyncEngine:
@@ -244,7 +246,9 @@ class AsyncEngine:
         self.snapshot = EngineSnapshot(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_free_blocks=blocks.num_free_blocks, num_blocks=blocks.num_blocks,
-            adapter_stats=dataclasses.replace(stats))
+            adapter_stats=dataclasses.replace(stats),
+            spec_stats={k: dataclasses.replace(v) for k, v in self.engine.spec.stats.items()}
+            if self.engine.spec is not None else {})
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from loraplex.models.loader import CheckpointReader, load_model, read_arch
 from loraplex.models.registry import resolve_model
 from loraplex.models.tokenizer import Tokenizer
 from loraplex.sampling import SamplingParams
+from loraplex.spec.decoder import SpecDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class LLMEngine:
                                    lc.max_lora_wait_steps)
         self.runner = ModelRunner(model, num_blocks, cc.block_size, self.device, self.dtype,
                                   lc.max_loras, lc.max_lora_rank)
+        self.spec = (SpecDecoder(config.spec, self.model_path, self.arch, self.device,
+                                 self.dtype, num_blocks, cc.block_size)
+                     if config.spec.is_enabled else None)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.auto_merge = (AutoMergePolicy(lc.auto_merge_share, lc.auto_merge_window)
@@ -139,6 +143,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         failed = self._collect_adapter_loads()
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if failed or not self.has_unfinished_requests():
@@ -151,11 +157,16 @@ class LLMEngine:
             self.runner.load_adapters(self.adapters.take_pending_loads())
         sampled = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)  # drafts: once accepted
             self.block_manager.register_full_blocks(seq)
         now = time.monotonic()
-        return failed + [self._append_token(seq, token_id, logprob, now)
-                         for seq, token_id, logprob in sampled]
+        outputs = failed
+        for seq, token_ids, logprobs in sampled:
+            if seq.draft_token_ids:  # the KV of the accepted drafts is valid, the rest is not
+                seq.num_computed_tokens += len(token_ids) - 1
+                self.spec.record(seq, num_accepted=len(token_ids) - 1)
+            outputs.append(self._append_tokens(seq, token_ids, logprobs, now))
+        return outputs
 
     # ---- run-time merge ------------------------------------------------------------------
 
@@ -235,23 +246,30 @@ class LLMEngine:
             failed.append(self.output_of(seq))
         return failed
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob, now: float) -> RequestOutput:
-        seq.output_token_ids.append(token_id)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
+    def _append_tokens(self, seq: Sequence, token_ids: list[int], logprobs: list,
+                       now: float) -> RequestOutput:
+        """Append a step's tokens (more than one when drafts were accepted) until one stops."""
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
-        new_text = ""
-        if not is_stop_token(seq, token_id):  # a stop token's text is never shown
-            new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.detokenize_incrementally(
-                seq.output_token_ids, seq.prefix_offset, seq.read_offset,
-                seq.params.skip_special_tokens)
-            seq.output_text += new_text
-        status = check_stop(seq, new_text)
-        if status is not None:
-            seq.metrics.finished_time = now
-            self.scheduler.finish(seq, status)
-            self.sequences.pop(seq.request_id, None)
+        for token_id, logprob in zip(token_ids, logprobs):
+            seq.output_token_ids.append(token_id)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            new_text = ""
+            if not is_stop_token(seq, token_id):  # a stop token's text is never shown
+                new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.detokenize_incrementally(
+                    seq.output_token_ids, seq.prefix_offset, seq.read_offset,
+                    seq.params.skip_special_tokens)
+                seq.output_text += new_text
+            status = check_stop(seq, new_text)
+            if status is not None:
+                seq.metrics.finished_time = now
+                self.scheduler.finish(seq, status)
+                self.sequences.pop(seq.request_id, None)
+                break
+        else:
+            if len(token_ids) > 1:  # blocks now filled by accepted drafts
+                self.block_manager.register_full_blocks(seq)
         return self.output_of(seq, take_streamable_text(seq))
 
     def output_of(self, seq: Sequence, new_text: str = "") -> RequestOutput:

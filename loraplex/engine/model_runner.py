@@ -4,7 +4,9 @@ The only engine module that touches tensors. Per step it copies newly activated 
 into their slots, then builds: the flat token ids and positions, the KV slot of each new
 token, the attention metadata (decodes first, then prefill chunks) and the LoRA mapping
 (token -> adapter slot); after the forward pass it computes logits only for the
-sequences whose last token was in this step, and samples from them.
+sequences whose last token was in this step, and samples from them. A sequence with draft
+tokens (speculative decoding) runs as a short prefill chunk of its last token + drafts;
+all its rows get logits, and spec/verify.py picks the tokens instead of the sampler.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from loraplex.models.attention import AttentionMetadata, PrefillChunk
 from loraplex.models.llama import LlamaModel
 from loraplex.models.loader import CheckpointReader
 from loraplex.sampling import TokenLogprob
+from loraplex.spec.verify import verify_drafts
 
 
 class ModelRunner:
@@ -64,30 +67,47 @@ class ModelRunner:
         self._live_merge, self.merged_slot = None, -1
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """Run one step; returns (sequence, sampled token, logprobs) for each that samples."""
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
-        seqs = [batch.seqs[i] for i in order]
-        counts = [batch.num_new_tokens[i] for i in order]
+    def execute(self, batch: ScheduledBatch
+                ) -> list[tuple[Sequence, list[int], list[TokenLogprob | None]]]:
+        """Run one step; returns, for each sequence that samples, its new tokens and their
+        logprobs: one token, or with draft tokens the accepted ones plus one more."""
+        seqs, counts, hidden = self.forward(batch.seqs, batch.num_new_tokens)
+        # The last row of each sequence that is now fully computed predicts its next token;
+        # a sequence with draft tokens has every row scored (last token + k drafts).
+        sampling, plain_rows, spec, rows, end = [], [], [], [], 0
+        for seq, n in zip(seqs, counts):
+            end += n
+            if seq.draft_token_ids:
+                spec.append((seq, len(rows), n))
+                rows += range(end - n, end)
+            elif seq.num_computed_tokens + n == seq.num_tokens:
+                sampling.append(seq)
+                plain_rows.append(len(rows))
+                rows.append(end - 1)
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        results = []
+        if sampling:
+            token_ids, logprobs = sample(logits[plain_rows] if spec else logits, sampling)
+            results += [(seq, [t], [lp]) for seq, t, lp in zip(sampling, token_ids, logprobs)]
+        for seq, first, n in spec:
+            results.append((seq, *verify_drafts(logits[first:first + n], seq)))
+        return results
+
+    def forward(self, seqs: list[Sequence], counts: list[int]
+                ) -> tuple[list[Sequence], list[int], torch.Tensor]:
+        """Compute ``counts[i]`` new tokens of each ``seqs[i]``; returns the sequences and
+        counts in batch order (decodes first) and the hidden states [N, hidden]."""
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)
+        seqs = [seqs[i] for i in order]
+        counts = [counts[i] for i in order]
         input_ids, positions, meta = self._prepare(seqs, counts)
         lora = None
         if self.merged_slot >= 0 or any(seq.lora_slot >= 0 for seq in seqs):
             token_slots = [seq.lora_slot for seq, n in zip(seqs, counts) for _ in range(n)]
             lora = LoRAMapping.build(token_slots, self.slot_ranks, self.device, self.merged_slot)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, lora)
-
-        # The last row of each sequence that is now fully computed predicts its next token.
-        sampling, rows, end = [], [], 0
-        for seq, n in zip(seqs, counts):
-            end += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                sampling.append(seq)
-                rows.append(end - 1)
-        if not sampling:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        token_ids, logprobs = sample(logits, sampling)
-        return list(zip(sampling, token_ids, logprobs))
+        return seqs, counts, self.model(input_ids, positions, self.kv_caches, meta, lora)
 
     def _prepare(self, seqs: list[Sequence], counts: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -99,7 +119,8 @@ class ModelRunner:
         decode_tables, decode_lens, prefills = [], [], []
         for seq, n in zip(seqs, counts):
             start = seq.num_computed_tokens
-            input_ids += seq.token_slice(start, start + n)
+            known = seq.token_slice(start, min(start + n, seq.num_tokens))
+            input_ids += known + seq.draft_token_ids[:n - len(known)]  # drafts follow the last token
             positions += range(start, start + n)
             table = seq.block_ids
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]

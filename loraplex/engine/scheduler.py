@@ -10,6 +10,10 @@ or has no free slot (every slot pinned by running requests of other adapters), i
 skipped, not waited for, so the others keep flowing. A request skipped for more than
 ``max_lora_wait_steps`` steps stops all admissions that would pin a slot, so slots drain
 and it gets the next one: no request waits unboundedly.
+
+Speculative decoding: a running sequence with draft tokens (spec/decoder.py) is given one
+token more per draft, if the budget and the free blocks hold them all; otherwise its drafts
+are dropped and it decodes one token. Speculation never causes a preemption.
 """
 from __future__ import annotations
 
@@ -62,7 +66,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            if seq.draft_token_ids and not self._fits_drafts(seq, budget):
+                seq.draft_token_ids, seq.draft_probs = [], None  # never preempt to speculate
+            num_new = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
             while blocks.blocks_needed(seq, num_new) > blocks.num_free_blocks:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -80,6 +86,13 @@ class Scheduler:
             return batch
         self._admit(batch, budget)
         return batch
+
+    def _fits_drafts(self, seq: Sequence, budget: int) -> bool:
+        """Draft tokens are verified with the last token (one more each), if the budget and
+        the free blocks hold them all."""
+        num_new = seq.num_uncomputed_tokens + len(seq.draft_token_ids)
+        return (num_new <= budget
+                and self.block_manager.blocks_needed(seq, num_new) <= self.block_manager.num_free_blocks)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         blocks = self.block_manager
@@ -132,6 +145,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         # Recompute later: prompt and generated tokens so far are prefilled again.
         self._release(seq)
+        seq.draft_token_ids, seq.draft_probs = [], None
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -82,6 +82,11 @@ class Sequence:
     cache_salt: bytes = b""  # joins prefix-cache keys: the adapter's content hash
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Speculative decoding (spec/): this step's proposed tokens, verified by the target in
+    # the same forward pass as the last sampled token; draft_probs [k, vocab] is the draft
+    # model's distribution for each (None: a deterministic proposal, e.g. n-gram lookup).
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
     # Incremental detokenization state (models/tokenizer.py).
     output_text: str = ""
     num_streamed_chars: int = 0  # of output_text, already returned as new_text

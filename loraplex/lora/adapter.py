@@ -8,9 +8,9 @@ serve is refused here, at load, with the path, the field and the value.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
+from blake3 import blake3
 
 from loraplex.models.llama import ModelArch
 from loraplex.models.loader import MODULE_BLOCKS as _BLOCK
@@ -56,7 +56,7 @@ class LoRAModuleWeights:
 class LoRAAdapter:
     name: str  # a label only; caches key on content_hash
     path: Path
-    content_hash: str  # sha256 over the config bytes and the weights bytes
+    content_hash: str  # BLAKE3 over the config bytes and the weights bytes
     max_rank: int
     modules: dict[tuple[int, str], LoRAModuleWeights]  # (layer index, HF projection name)
     num_bytes: int  # bytes of all a and b tensors
@@ -91,11 +91,7 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
     base_keys = {f"model.layers.{i}.{block}.{m}": (i, m)
                  for i in range(arch.num_layers) for m, block in _BLOCK.items()}
     targeted = _targeted_keys(config, base_keys, arch, fail)
-    try:
-        tensors = load_safetensors(weights_bytes)
-    except Exception as e:  # SafetensorError: truncated or corrupt file
-        raise fail(WEIGHTS_FILE, f"{len(weights_bytes)} bytes",
-                   f"is not a valid safetensors file: {e}") from e
+    tensors = _parse_safetensors(weights_bytes, fail)
     pairs = _pair_tensors(tensors, arch, fail)
     untargeted, missing = sorted(set(pairs) - targeted), sorted(targeted - set(pairs))
     if untargeted:
@@ -131,7 +127,7 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         modules[(layer, module)] = LoRAModuleWeights(a=a, b=b * scaling, rank=r, scaling=scaling)
 
-    digest = hashlib.sha256()
+    digest = blake3()  # cryptographic (tenants must not forge another's identity), ~3x sha256
     for data in (config_bytes, weights_bytes):  # length-prefixed: the boundary is unambiguous
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
@@ -154,14 +150,69 @@ def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
     return data, config
 
 
-def _read_weights_bytes(folder: Path, fail: Fail) -> bytes:
+def _read_weights_bytes(folder: Path, fail: Fail) -> bytearray:
     file = folder / WEIGHTS_FILE
     if file.is_file():
-        return file.read_bytes()  # one read serves both the hash and the parse
+        with open(file, "rb") as f:  # one read serves both the hash and the tensors
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(data) != len(data):
+                raise fail(WEIGHTS_FILE, str(file), "changed while it was read")
+        return data
     if (folder / PICKLE_FILE).is_file():  # never unpickled: a pickle can run arbitrary code
         raise fail(PICKLE_FILE, str(folder / PICKLE_FILE), "is a pickle and is not loaded; "
                    f"safetensors is required: save the adapter as {WEIGHTS_FILE}")
     raise fail(WEIGHTS_FILE, str(file), "is missing")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _parse_safetensors(data: bytearray, fail: Fail) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as views into ``data`` (no copy).
+
+    The format: an 8-byte little-endian header length, a JSON header naming each tensor's
+    dtype, shape and [begin, end) byte range after the header, then the bytes. Every range
+    is checked against the file before a view is made.
+    """
+    def bad(why: str) -> AdapterError:
+        return fail(WEIGHTS_FILE, f"{len(data)} bytes", f"is not a valid safetensors file: {why}")
+
+    if len(data) < 8:
+        raise bad("shorter than its header length")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise bad(f"header of {header_len} bytes runs past the end (truncated?)")
+    try:
+        header = json.loads(bytes(data[8:8 + header_len]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    start, size = 8 + header_len, len(data) - 8 - header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = math.prod(shape)
+            valid = (all(type(d) is int and d >= 0 for d in shape)
+                     and type(begin) is int and type(end) is int and 0 <= begin <= end <= size)
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
+        if not valid:
+            raise bad(f"tensor {name!r} has byte range {[begin, end]} outside the file's "
+                      f"{size} data bytes (truncated?)")
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise fail("tensor", name, f"must be a 2-D float tensor, got {dtype_name} {tuple(shape)}")
+        if end - begin != numel * dtype.itemsize:
+            raise bad(f"tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype_name}")
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin)
+                         .view(shape) if numel else torch.empty(shape, dtype=dtype))
+    return tensors
 
 
 def _matcher(field: str, spec: Any, fail: Fail) -> Callable[[str], bool]:
@@ -233,15 +284,16 @@ def _targeted_keys(config: dict[str, Any], base_keys: dict[str, tuple[int, str]]
     return chosen
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], found: dict[str, dict[str, torch.Tensor]],
-                  fail: Fail) -> None:
-    """One pass over all weights (hundreds of small checks cost more than the data);
-    only on failure look for the tensor to name."""
-    flat = [t.view(-1) for sides in found.values() for t in sides.values()]
-    if not flat or torch.isfinite(torch.cat(flat)).all():
+def _check_finite(tensors: dict[str, torch.Tensor], fail: Fail) -> None:
+    """One float32 sum per tensor, all checked at once: finite whenever every element is
+    (the exact test runs only when a sum is not, and names the tensor)."""
+    if not tensors:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
+    if torch.isfinite(sums).all():
         return
     for tensor_name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor).all():
             raise fail("tensor", tensor_name, "has NaN or Inf values")
 
 
@@ -266,7 +318,7 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
             raise fail("tensor", tensor_name, f"must be a 2-D float tensor, got {tensor.dtype} "
                        f"{tuple(tensor.shape)}")
         found.setdefault(key, {})[side] = tensor.to(torch.float32)
-    _check_finite(tensors, found, fail)
+    _check_finite(tensors, fail)
     for key, sides in found.items():
         if len(sides) != 2:
             raise fail("tensor", f"{key}.lora_{'B' if 'A' in sides else 'A'}.weight", "is missing")

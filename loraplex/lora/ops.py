@@ -1,16 +1,21 @@
 """Grouped LoRA shrink and expand over a batch whose tokens use different adapters.
 
-Weights of the active adapters sit in stacked, preallocated tensors (lora/layers.py):
+Weights of the active adapters sit in preallocated buffers, one row per slot
+(lora/layers.py). A slot holding an adapter of rank r uses the first in * k and k * out
+elements of its rows, k = num_slices * r, viewed as
 
-    a_stack: [num_slots, num_slices * max_rank, in]
-             rows [i*r, (i+1)*r) hold slice i's A
-    b_stack: [num_slots, out, num_slices * max_rank], block diagonal:
-             rows of slice i (its output range), columns [i*r, (i+1)*r) hold B_i * scaling
+    A^T: a_flat[slot, :in * k] as [in, k]; columns [i*r, (i+1)*r) hold slice i's A^T
+    B^T: b_flat[slot, :k * out] as [k, out], block diagonal: rows [i*r, (i+1)*r) and the
+         columns of slice i's output range hold (B_i * scaling)^T
 
-where r is that slot's own rank, so an adapter of small rank reads and multiplies only its
-own rows and columns. A fused projection (qkv: 3 slices, gate_up: 2) thus takes one
-shrink and one expand for all its slices: on a decode step the cost is the number of
-operations, not the arithmetic, and the zero blocks of B cost a few percent of bytes.
+so the views are contiguous whatever the rank, an adapter of small rank reads only its own
+weights, and slots that sit next to each other form a batch of matrices without a copy.
+A fused projection (qkv: 3 slices, gate_up: 2) takes one shrink and one expand for all its
+slices: on a decode step the cost is the number of operations, not the arithmetic, and the
+zero blocks of B cost a few percent of bytes.
+
+The buffers may have their own dtype: on CPU they are float32 (lora/layers.py says why);
+tokens are cast to it, deltas back to the output's dtype.
 
 Per step the model runner groups the LoRA tokens by slot and the slots by rank
 (``LoRAMapping``); every projection then runs, per rank group, one shrink and one expand:
@@ -36,6 +41,7 @@ class RankGroup:
     rows: torch.Tensor  # [n] long: token indices in the flat batch, grouped by slot
     segment_len: int  # L: longest run of one slot (padding target of the batched path)
     pad_index: torch.Tensor | None  # [n] long: position of each row in [S * L]; None if S == 1
+    is_slot_range: bool  # slots are consecutive: their weights batch without a copy
 
 
 @dataclass(slots=True)
@@ -94,40 +100,60 @@ def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],
             pad_index = torch.tensor([i * seg_len + j for i, s in enumerate(slots)
                                       for j in range(len(by_slot[s]))], device=device)
         groups.append(RankGroup(rank, slots, torch.tensor(slots, device=device),
-                                torch.tensor(rows, device=device), seg_len, pad_index))
+                                torch.tensor(rows, device=device), seg_len, pad_index,
+                                slots == list(range(slots[0], slots[0] + len(slots)))))
     return groups
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
-             a_stack: torch.Tensor, b_stack: torch.Tensor, num_slices: int,
+             a_flat: torch.Tensor, b_flat: torch.Tensor, num_slices: int,
              alpha: float = 1.0) -> None:
     """out[t] += alpha * B_s (A_s x[t]) for every token t of ``groups`` (slot s); in place.
 
-    out: [N, out], x: [N, in]; alpha -1 takes a merged adapter's delta out.
+    out: [N, out], x: [N, in]; a_flat, b_flat: [slots, *] (layout above); alpha -1 takes a
+    merged adapter's delta out.
     """
+    n_in, n_out = x.shape[1], out.shape[1]
+    xs = x if x.dtype == a_flat.dtype else x.to(a_flat.dtype)
     for g in groups:
         k = num_slices * g.rank
         if g.pad_index is None:
             slot = g.slots[0]
-            a, b = a_stack[slot, :k], b_stack[slot, :, :k]  # [k, in], [out, k]
+            a = a_flat[slot, :n_in * k].view(n_in, k)
+            b = b_flat[slot, :k * n_out].view(k, n_out)
             if g.rows.numel() == x.shape[0]:  # the whole batch: no gather, no scatter
-                out.addmm_(x @ a.T, b.T, alpha=alpha)
+                out.add_((xs @ a) @ b, alpha=alpha)
                 continue
-            delta = (x.index_select(0, g.rows) @ a.T) @ b.T  # [n, out]
+            delta = (xs.index_select(0, g.rows) @ a) @ b  # [n, out]
         else:
             num, seg = len(g.slots), g.segment_len
-            padded = x.new_zeros(num * seg, x.shape[1])
-            padded[g.pad_index] = x.index_select(0, g.rows)
-            a = a_stack.index_select(0, g.slot_ids)[:, :k]  # [S, k, in]
-            b = b_stack.index_select(0, g.slot_ids)[:, :, :k]  # [S, out, k]
-            h = torch.bmm(padded.view(num, seg, -1), a.transpose(1, 2))  # [S, L, k]
-            delta = torch.bmm(h, b.transpose(1, 2)).flatten(0, 1)[g.pad_index]  # [n, out]
-        out.index_add_(0, g.rows, delta, alpha=alpha)
+            padded = xs.new_zeros(num * seg, n_in)
+            padded[g.pad_index] = xs.index_select(0, g.rows)
+            a = _slot_batch(a_flat, g, n_in * k).view(num, n_in, k)
+            b = _slot_batch(b_flat, g, k * n_out).view(num, k, n_out)
+            h = torch.bmm(padded.view(num, seg, n_in), a)  # [S, L, k]
+            delta = torch.bmm(h, b).flatten(0, 1)[g.pad_index]  # [n, out]
+        out.index_add_(0, g.rows, delta.to(out.dtype), alpha=alpha)
+
+
+def _slot_batch(flat: torch.Tensor, g: RankGroup, size: int) -> torch.Tensor:
+    """[S, size]: the first ``size`` elements of each of the group's slots; a view when
+    the slots are consecutive, else a gathered copy of just those elements."""
+    if g.is_slot_range:
+        return flat[g.slots[0]:g.slots[0] + len(g.slots), :size]
+    return flat[:, :size].index_select(0, g.slot_ids)
+
+
+def slot_views(a_flat: torch.Tensor, b_flat: torch.Tensor, slot: int, rank: int,
+               num_slices: int, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^T [in, k] and B^T [k, out] of one slot (views; k = num_slices * rank)."""
+    k = num_slices * rank
+    return a_flat[slot, :n_in * k].view(n_in, k), b_flat[slot, :k * n_out].view(k, n_out)
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, token_slots: list[int],
-                       slot_ranks: dict[int, int], a_stack: torch.Tensor,
-                       b_stack: torch.Tensor, out_sizes: list[int]) -> None:
+                       slot_ranks: dict[int, int], a_flat: torch.Tensor,
+                       b_flat: torch.Tensor, out_sizes: list[int]) -> None:
     """The oracle: one token at a time, one slice at a time, in plain torch."""
     offsets = [0]
     for size in out_sizes:
@@ -136,7 +162,9 @@ def add_lora_reference(out: torch.Tensor, x: torch.Tensor, token_slots: list[int
         if slot < 0:
             continue
         r = slot_ranks[slot]
+        a_t, b_t = slot_views(a_flat, b_flat, slot, r, len(out_sizes), x.shape[1], offsets[-1])
+        xt = x[t].to(a_flat.dtype)
         for i in range(len(out_sizes)):
-            a = a_stack[slot, i * r:(i + 1) * r]  # [r, in]
-            b = b_stack[slot, offsets[i]:offsets[i + 1], i * r:(i + 1) * r]  # [out_i, r]
-            out[t, offsets[i]:offsets[i + 1]] += b @ (a @ x[t])
+            a = a_t[:, i * r:(i + 1) * r]  # [in, r]
+            b = b_t[i * r:(i + 1) * r, offsets[i]:offsets[i + 1]]  # [r, out_i]
+            out[t, offsets[i]:offsets[i + 1]] += ((xt @ a) @ b).to(out.dtype)

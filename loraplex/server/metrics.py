@@ -135,3 +135,29 @@ class _EngineCollector(Collector):
         merges.add_metric(["merge"], a.merges)
         merges.add_metric(["unmerge"], a.unmerges)
         yield merges
+        yield from _spec_metrics(s)
+
+
+def _spec_metrics(s: EngineSnapshot) -> Iterator[Metric]:
+    """Speculative decoding per adapter (label "" for the base model)."""
+    families = {
+        "steps": CounterMetricFamily("loraplex:spec_verify_steps", "Steps that verified "
+                                     "draft tokens, by adapter.", labels=["adapter"]),
+        "drafts": CounterMetricFamily("loraplex:spec_draft_tokens", "Draft tokens proposed, "
+                                      "by adapter.", labels=["adapter"]),
+        "accepted": CounterMetricFamily("loraplex:spec_accepted_tokens", "Draft tokens "
+                                        "accepted, by adapter.", labels=["adapter"]),
+        "rate": GaugeMetricFamily("loraplex:spec_acceptance_rate", "Accepted share of the "
+                                  "draft tokens, by adapter.", labels=["adapter"]),
+        "length": GaugeMetricFamily("loraplex:spec_mean_accepted_length", "Accepted draft "
+                                    "tokens per verification step, by adapter.",
+                                    labels=["adapter"]),
+    }
+    for name, stats in s.spec_stats.items():
+        label = [name or ""]
+        families["steps"].add_metric(label, stats.num_steps)
+        families["drafts"].add_metric(label, stats.num_draft_tokens)
+        families["accepted"].add_metric(label, stats.num_accepted_tokens)
+        families["rate"].add_metric(label, stats.acceptance_rate or 0.0)
+        families["length"].add_metric(label, stats.mean_accepted_length or 0.0)
+    yield from families.values()

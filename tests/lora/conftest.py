@@ -72,3 +72,23 @@ def good_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                       "gate_proj", "up_proj", "down_proj"])
     return folder
+
+
+def hf_model(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_adapter(base: Path, folder: Path, seed: int, b_std: float, **lora_kwargs: Any) -> Path:
+    """A real PEFT adapter whose lora_B is random (PEFT starts it at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(hf_model(base), LoraConfig(**lora_kwargs))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, b_std)
+    peft_model.save_pretrained(folder)
+    return folder

@@ -23,30 +23,12 @@ from loraplex.lora.merge import merge_to_folder
 from loraplex.lora.ops import LoRAMapping, add_lora_reference
 from loraplex.models.linear import Linear
 
+from .conftest import hf_model, make_adapter
+
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_IDS = [[17, 4033, 288, 1029, 9521, 30, 5], [1640, 314, 216, 2250, 11, 27]]
-
-
-def hf_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def make_adapter(base: Path, folder: Path, seed: int, b_std: float, **lora_kwargs: Any) -> Path:
-    """A real PEFT adapter whose lora_B is random (PEFT starts it at zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(hf_model(base), LoraConfig(**lora_kwargs))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, b_std)
-    peft_model.save_pretrained(folder)
-    return folder
 
 
 @torch.no_grad()
@@ -214,14 +196,14 @@ def test_unmerge_mapping_takes_the_merged_delta_out() -> None:
     base = torch.randn(len(token_slots), sum(outs), generator=g, dtype=torch.float64)
 
     merged = base.clone()  # as if slot 1's delta were in the weights: every token has it
-    add_lora_reference(merged, x, [1] * len(token_slots), ranks, stack.a_stack, stack.b_stack, outs)
+    add_lora_reference(merged, x, [1] * len(token_slots), ranks, stack.a_flat, stack.b_flat, outs)
     mapping = LoRAMapping.build(token_slots, ranks, torch.device("cpu"), merged_slot=1)
     assert [g.slots for g in mapping.unmerge_groups] == [[1]]
     assert mapping.unmerge_groups[0].rows.tolist() == [0, 2, 4, 5, 8]
     stack.apply(merged, x, mapping)
 
     expected = base.clone()
-    add_lora_reference(expected, x, token_slots, ranks, stack.a_stack, stack.b_stack, outs)
+    add_lora_reference(expected, x, token_slots, ranks, stack.a_flat, stack.b_flat, outs)
     torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-10)
 
 

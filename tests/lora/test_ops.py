@@ -28,7 +28,7 @@ def make_stack(out_sizes: list[int], dtype: torch.dtype, seed: int
     names = tuple(f"slice{i}" for i in range(len(out_sizes)))
     stack = LoRAStack(names, IN_FEATURES, out_sizes, max_loras=len(SLOT_RANKS),
                       max_rank=MAX_RANK, dtype=dtype, device=CPU)
-    for t in (stack.a_stack, stack.b_stack):
+    for t in (stack.a_flat, stack.b_flat):
         t.copy_(torch.randn(t.shape, generator=g) * 100)
     weights = {}
     for slot, r in SLOT_RANKS.items():
@@ -66,6 +66,8 @@ MIXES: dict[str, dict[int, int]] = {
     # rank 16: two equal segments stay one padded group.
     "long_beside_short": {-1: 3, 4: 40, 5: 1, 6: 1, 7: 1, 8: 6, 9: 6},
     "every_slot_decodes": {-1: 4, **{s: 1 for s in SLOT_RANKS}},
+    # rank 4: slots 0 and 2 but not 1 -> their weights are gathered, not a slot range.
+    "gapped_slots": {-1: 2, 0: 3, 2: 3, 8: 2},
     # one adapter for the whole batch (no gather or scatter needed)
     "one_slot_whole_batch": {3: 7},
     "all_of_it": {-1: 9, 0: 7, 1: 1, 2: 2, 3: 11, 4: 33, 5: 2, 6: 1, 8: 1, 9: 5},
@@ -112,16 +114,24 @@ def test_mapping_groups_by_rank_and_splits_long_segments() -> None:
     assert mapping.groups[-1].pad_index is not None
 
     assert LoRAMapping.build([-1, -1, -1], SLOT_RANKS, CPU) is None
+    assert [g.is_slot_range for g in LoRAMapping.build([0, 2, 0, 1, 2], SLOT_RANKS, CPU).groups] == [True]
+    assert [g.is_slot_range for g in LoRAMapping.build([0, 2, 0, 2], SLOT_RANKS, CPU).groups] == [False]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+# (activations, slot weights): float32; bf16 (CUDA); bf16 tokens on float32 slots (CPU).
+DTYPES = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+          "bf16_on_f32": (torch.bfloat16, torch.float32)}
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPES))
 @pytest.mark.parametrize("num_slices", [1, 3])
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_add_lora_equals_reference(mix: str, num_slices: int, dtype: torch.dtype) -> None:
+def test_add_lora_equals_reference(mix: str, num_slices: int, dtypes: str) -> None:
+    dtype, stack_dtype = DTYPES[dtypes]
     seed = list(MIXES).index(mix) * 10 + num_slices
     token_slots = shuffled(MIXES[mix], seed)
     out_sizes = SLICE_OUTS[num_slices]
-    stack, weights = make_stack(out_sizes, dtype, seed)
+    stack, weights = make_stack(out_sizes, stack_dtype, seed)
     g = torch.Generator().manual_seed(seed + 1)
     n, out_features = len(token_slots), sum(SLICE_OUTS[num_slices])
     x = torch.randn(n, IN_FEATURES, generator=g).to(dtype)
@@ -130,9 +140,10 @@ def test_add_lora_equals_reference(mix: str, num_slices: int, dtype: torch.dtype
     mapping = LoRAMapping.build(token_slots, SLOT_RANKS, CPU)
     check_groups(mapping, token_slots)
     fast = base.clone()
-    add_lora(fast, x, mapping.groups, stack.a_stack, stack.b_stack, num_slices)
+    add_lora(fast, x, mapping.groups, stack.a_flat, stack.b_flat, num_slices)
+    assert fast.dtype == dtype
     reference = base.clone()
-    add_lora_reference(reference, x, token_slots, SLOT_RANKS, stack.a_stack, stack.b_stack,
+    add_lora_reference(reference, x, token_slots, SLOT_RANKS, stack.a_flat, stack.b_flat,
                        out_sizes)
 
     torch.testing.assert_close(fast, reference, **TOLERANCE[dtype])

@@ -21,6 +21,8 @@ from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.models.registry import resolve_model
 
+from .conftest import hf_model, make_adapter
+
 # PEFT calls a transformers method that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 
@@ -52,26 +54,6 @@ def make_tiny_model(folder: Path, model_type: str, seed: int = 0) -> Path:
         if src.is_file() and src.name not in ("config.json", "generation_config.json") \
                 and "safetensors" not in src.name:
             shutil.copy(src, folder / src.name)
-    return folder
-
-
-def hf_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def make_adapter(base: Path, folder: Path, seed: int, b_std: float, **lora_kwargs: Any) -> Path:
-    """A real PEFT adapter whose lora_B is random (PEFT starts it at zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(hf_model(base), LoraConfig(**lora_kwargs))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, b_std)
-    peft_model.save_pretrained(folder)
     return folder
 
 

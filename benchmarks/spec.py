@@ -1,0 +1,219 @@
+"""Speculative decoding for an adapter: base vs adapter vs adapter + n-gram vs adapter +
+a draft trained for it by ``loraplex train-draft``, in this engine.
+
+    python benchmarks/spec.py [--repeats N] [--quick] [--seed S] [--model NAME]
+                              [--threads T] [--adapter DIR] [--draft DIR] [--train-steps N]
+
+One process, one run, the default model in bfloat16. The adapter is synthetic until
+fine-tuning lands (real PEFT, r=16 on all linear layers, lora_B ~ N(0, 0.02)); ``--adapter``
+takes a real one. Its "task" is a fixed family of chat prompts (``task_prompts``: short
+instructions about everyday topics); ``train-draft`` distils a 4-layer draft (the target's
+embedding, head and 4 of its 30 layers) on the target + adapter's own continuations of 200
+of them, unless ``--draft`` names a draft already trained. Measured prompts are other
+prompts of the same family, fresh every round.
+
+Arms (separate engines on the same weights, greedy, ``ignore_eos`` so every request makes
+exactly ``max_tokens`` = 128 tokens): base; adapter, unmerged; adapter + n-gram lookup;
+adapter + trained draft (``--draft-for``); spec arms choose k automatically. Rounds run the
+arms interleaved (A B C D A B C D ...) after a warm-up round; each figure is the median of
+the pairwise ratios of one round.
+
+1. Batch 1: decode tokens/s of one request (tokens after the first / first-to-last token
+   time), arm / base. Target: adapter + trained draft >= 1.5x base. Acceptance rate and
+   tokens per verification step of the spec arms, from the engine's per-adapter stats.
+2. Concurrency 8 and 32: output tokens/s of the whole batch, spec arm / adapter arm.
+   Target >= 1.0x: speculation must never make a batch slower (it switches itself off
+   above ``max_spec_seqs``).
+
+Not measured yet: the "adapter merged" row (merging is another engineer's work on main;
+add an arm ``LLM(model, merge=ADAPTER)`` once it lands).
+
+``--quick``: 1 round, 16 output tokens, 4 train steps: a smoke run of every path, not a
+measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CpuMeter, fmt_list, machine_lines, median_ratio, verdict  # noqa: E402
+
+TARGET_B1 = 1.5  # adapter + trained draft / base, decode tok/s at batch 1, at least
+TARGET_BATCH = 1.0  # spec arm / adapter arm at concurrency 8 and 32, at least
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOPICS = ("the sea", "a bicycle", "coffee", "rain", "a library", "the moon", "bread",
+          "a train station", "winter", "a garden", "mountains", "a market", "music",
+          "a kitchen", "the desert", "a river", "a school", "autumn", "a lighthouse", "cats")
+TASKS = ("Describe {} in three sentences.", "Write a short poem about {}.",
+         "List five facts about {}.", "Explain {} to a child.", "Write a haiku about {}.",
+         "Give three tips about {}.", "Tell a very short story about {}.")
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def task_prompts(count: int, seed: str) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(TASKS).format(rng.choice(TOPICS)) for _ in range(count)]
+
+
+def make_adapter(model_path: Path, folder: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
+                                            target_modules=ALL_LINEAR))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--adapter", default=None, help="A PEFT adapter (default: synthetic).")
+    ap.add_argument("--draft", default=None, help="A draft trained for the adapter "
+                    "(default: train one now with train-draft).")
+    ap.add_argument("--train-steps", type=int, default=300)
+    args = ap.parse_args()
+
+    from loraplex import LLM, LoRARequest, SamplingParams, SpecConfig
+    from loraplex.models.registry import resolve_model
+    from loraplex.spec.train import DraftTrainConfig, train_draft
+
+    repeats = 1 if args.quick else args.repeats
+    max_tokens = 16 if args.quick else 128
+    model_path = resolve_model(args.model)
+    work = Path(tempfile.mkdtemp(prefix="spec-bench-"))
+    say(f"spec.py: model {args.model}, bf16, {repeats} round(s), {max_tokens} output tokens")
+    for line in machine_lines(torch.bfloat16):
+        say(line)
+
+    adapter = Path(args.adapter) if args.adapter else make_adapter(model_path, work / "adapter",
+                                                                   args.seed)
+    say(f"adapter: {adapter}{'' if args.adapter else ' (synthetic: r16 all-linear, lora_B ~ N(0, 0.02))'}")
+    draft = Path(args.draft) if args.draft else None
+    if draft is None:
+        data = work / "prompts.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
+                                for p in task_prompts(40 if args.quick else 216, "train")))
+        t0 = time.perf_counter()
+        report = train_draft(DraftTrainConfig(
+            model=str(model_path), adapter=str(adapter), data=str(data), out=str(work / "draft"),
+            layers=4, steps=4 if args.quick else args.train_steps, batch_size=4,
+            max_new_tokens=32 if args.quick else 96, num_held_out=16,
+            num_threads=args.threads))
+        say(report.summary() + f" | {time.perf_counter() - t0:.0f} s")
+        draft = work / "draft"
+    say(f"draft: {draft}")
+
+    options = dict(dtype="bfloat16", kv_cache_gib=0.5, max_num_seqs=64, num_threads=args.threads,
+                   max_lora_rank=64)
+    lora = LoRARequest("task", str(adapter))
+    engines = {
+        "base": LLM(str(model_path), **options),
+        "ngram": LLM(str(model_path), speculative=SpecConfig("ngram"), **options),
+        "draft": LLM(str(model_path), speculative=SpecConfig(
+            "draft", draft_for={"task": str(draft)}), **options),
+    }
+    arms = {"base": ("base", None), "adapter": ("base", lora), "adapter+ngram": ("ngram", lora),
+            "adapter+draft": ("draft", lora)}
+
+    def chat(texts: list[str]) -> list[list[int]]:
+        tok = engines["base"].tokenizer
+        return [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+
+    def run(arm: str, prompts: list[list[int]]) -> dict:
+        engine_name, request = arms[arm]
+        llm = engines[engine_name]
+        spec = llm.engine.spec
+        before = {k: (s.num_steps, s.num_draft_tokens, s.num_accepted_tokens)
+                  for k, s in (spec.stats.items() if spec else [])}
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        with CpuMeter() as meter:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, lora=request)
+            wall = time.perf_counter() - t0
+        assert all(len(o.token_ids) == max_tokens for o in outs)
+        result = {"tok_s": len(prompts) * max_tokens / wall, "others_cpu": meter.others,
+                  "decode_tok_s": statistics.median((max_tokens - 1) / o.metrics.decode_s
+                                                    for o in outs)}
+        if spec and "task" in spec.stats:
+            s, b = spec.stats["task"], before.get("task", (0, 0, 0))
+            steps, drafts, accepted = (s.num_steps - b[0], s.num_draft_tokens - b[1],
+                                       s.num_accepted_tokens - b[2])
+            result["acceptance"] = accepted / drafts if drafts else float("nan")
+            result["tokens_per_step"] = 1 + accepted / steps if steps else float("nan")
+        return result
+
+    def rounds(concurrency: int, names: list[str]) -> dict[str, list[dict]]:
+        results: dict[str, list[dict]] = {n: [] for n in names}
+        for r in range(-1, repeats):  # round -1: warm-up, discarded
+            prompts = chat(task_prompts(concurrency, f"measure-{concurrency}-{r}"))
+            for name in names:
+                out = run(name, prompts)
+                say(f"  c{concurrency} {'warm-up' if r < 0 else f'round {r}'} {name}: "
+                    + ", ".join(f"{k} {v:.3g}" for k, v in out.items()))
+                if r >= 0:
+                    results[name].append(out)
+        return results
+
+    say("\n1. batch 1: decode tok/s vs base")
+    b1 = rounds(1, list(arms))
+
+    def ratio(res: dict, a: str, b: str, key: str) -> float:
+        return median_ratio([x[key] for x in res[a]], [x[key] for x in res[b]])
+
+    b1_ratios = {a: ratio(b1, a, "base", "decode_tok_s") for a in arms if a != "base"}
+    spec_stats = {a: (statistics.median(x["acceptance"] for x in b1[a]),
+                      statistics.median(x["tokens_per_step"] for x in b1[a]))
+                  for a in ("adapter+ngram", "adapter+draft")}
+    for a, value in b1_ratios.items():
+        say(f"  {a} / base: {value:.3f}x  (pairs {fmt_list([x['decode_tok_s'] / y['decode_tok_s'] for x, y in zip(b1[a], b1['base'])])})")
+    for a, (acc, tps) in spec_stats.items():
+        say(f"  {a}: acceptance {acc:.2f}, tokens per step {tps:.2f}")
+
+    batch_ratios = {}
+    for c in (8, 32):
+        say(f"\n2. concurrency {c}: output tok/s, spec arm / adapter")
+        res = rounds(c, ["adapter", "adapter+ngram", "adapter+draft"])
+        for a in ("adapter+ngram", "adapter+draft"):
+            batch_ratios[(c, a)] = ratio(res, a, "adapter", "tok_s")
+            say(f"  {a} / adapter: {batch_ratios[(c, a)]:.3f}x")
+
+    draft_b1 = b1_ratios["adapter+draft"]
+    batch_ok = all(v >= TARGET_BATCH for v in batch_ratios.values())
+    say()
+    say(f"spec.py: b1 adapter {b1_ratios['adapter']:.2f}x base | +ngram "
+        f"{b1_ratios['adapter+ngram']:.2f}x (acc {spec_stats['adapter+ngram'][0]:.2f}, "
+        f"{spec_stats['adapter+ngram'][1]:.2f} tok/step) | +draft {draft_b1:.2f}x "
+        f"(acc {spec_stats['adapter+draft'][0]:.2f}, {spec_stats['adapter+draft'][1]:.2f} "
+        f"tok/step; target {TARGET_B1}x {verdict(draft_b1 >= TARGET_B1)}) | c8 ngram/draft "
+        f"{batch_ratios[(8, 'adapter+ngram')]:.2f}/{batch_ratios[(8, 'adapter+draft')]:.2f}x, "
+        f"c32 {batch_ratios[(32, 'adapter+ngram')]:.2f}/{batch_ratios[(32, 'adapter+draft')]:.2f}x "
+        f"adapter (target >= {TARGET_BATCH} {verdict(batch_ok)}) | merged: not built yet | "
+        f"adapter {'given' if args.adapter else 'synthetic'}{' | QUICK, not a measurement' if args.quick else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning (``loraplex finetune``) and the generated demo tasks (``loraplex demo-data``)."""
