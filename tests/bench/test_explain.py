@@ -10,7 +10,7 @@ import pytest
 from loraplex.bench.markdown import fmt, x
 from loraplex.cli import main
 
-ALWAYS_MEASURED = {"ttft", "concurrency", "adapters", "registered", "shared", "merged", "peer"}
+SCENARIOS = {"ttft", "concurrency", "adapters", "registered", "shared", "merged", "speculative", "peer"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,13 +31,10 @@ def explained(bench_base: Path, bench_adapters: dict[str, Path],
 def test_every_scenario_is_reported_with_its_numbers(explained):
     _, doc, report = explained
     scenarios = {s["key"]: s for s in doc["scenarios"]}
-    assert set(scenarios) == ALWAYS_MEASURED | {"speculative"}
+    assert set(scenarios) == SCENARIOS
     for key, s in scenarios.items():
         assert s["title"] in report
-        if not s["measured"]:
-            assert key == "speculative", f"{key}: {s['reason']}"  # until the spec branch lands
-            assert s["reason"] and f"Not measured: {s['reason']}" in report
-            continue
+        assert s["measured"], f"{key}: {s['reason']}"
         assert s["rows"], key
         for row in s["rows"]:
             assert list(row) == s["columns"]
@@ -66,6 +63,10 @@ def test_ratios_pair_each_arm_with_its_reference(explained):
         (c, arm) for c in plan["concurrencies"] for arm in ("base", "unmerged", "merged")]
     assert {f"merged/unmerged c{c}" for c in plan["concurrencies"]} <= set(merged["headline"])
     assert "Merged into the base, your model runs at" in report
+    spec = scenarios["speculative"]  # n-gram prompt lookup (no --draft)
+    assert [r["arm"] for r in spec["rows"]] == ["base", "unmerged", "unmerged + speculative"] * len(
+        plan["concurrencies"])
+    assert "With speculative decoding your adapter runs at" in report
     adapters = scenarios["adapters"]
     assert [r["arm"] for r in adapters["rows"]] == ["base"] + [
         f"{k} adapter{'s' if k > 1 else ''}" for k in plan["adapter_counts"]]
@@ -93,6 +94,27 @@ def test_plots_are_valid_png_images(explained):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
         assert f"]({name})" in report
+
+
+def test_a_scenario_whose_api_is_missing_is_reported_not_measured(bench_base, bench_adapters, tmp_path):
+    """--draft naming a folder that is no model: the speculative engine refuses it, and the
+    report says so instead of failing (the same path a missing API takes)."""
+    from loraplex.bench.explain import ExplainConfig, ExplainContext
+    from loraplex.bench.scenarios import speculative
+
+    (tmp_path / "not-a-model").mkdir()
+    config = ExplainConfig(model=str(bench_base), adapter=str(bench_adapters["ad1"]), quick=True,
+                           draft=str(tmp_path / "not-a-model"), out=str(tmp_path / "out"),
+                           dtype="float32", num_threads=1)
+    import torch
+    threads = torch.get_num_threads()
+    ctx = ExplainContext(config, log=lambda line: None)
+    try:
+        result = speculative(ctx)
+    finally:
+        ctx.close()
+        torch.set_num_threads(threads)
+    assert not result.measured and "not-a-model" in result.reason
 
 
 def test_bad_adapter_is_refused_before_any_work(tmp_path, capsys):
