@@ -1,4 +1,4 @@
-"""Command line: ``loraplex serve | generate | merge | finetune | demo-data | train-draft | pull``.
+"""Command line: ``loraplex serve | generate | merge | finetune | demo-data | train-draft | pull | bench | explain``.
 
 Engine flags are built from the config dataclasses' fields and help texts, so the CLI,
 ``LLM(...)`` and the server take the same options under the same names.
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loraplex.bench.commands import (add_bench_arguments, add_explain_arguments, cmd_bench,
+                                     cmd_explain)
 from loraplex.config import CONFIG_PARTS, ServerConfig
 from loraplex.distributed.config import RayServeConfig
 from loraplex.train.config import FinetuneConfig
@@ -207,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--split", default="train", help="train or eval: the two never share a prompt.")
     dd.add_argument("--seed", type=int, default=0)
     dd.set_defaults(func=cmd_demo_data)
+
+    bn = sub.add_parser("bench", help="Load-test a running OpenAI-compatible server: TTFT, "
+                        "TPOT, ITL, E2EL and throughput over base and adapters.")
+    add_bench_arguments(bn)
+    bn.set_defaults(func=cmd_bench)
+
+    ex = sub.add_parser("explain", help="Measure why your adapter is slower than the base "
+                        "model, in-process, and write report.md with plots.")
+    add_explain_arguments(ex)
+    ex.set_defaults(func=cmd_explain)
     return parser
 
 
