@@ -457,17 +457,6 @@ def make_peft_adapter(model_path: Path, folder: Path, seed: int, **lora_kwargs) 
     del model, base
 
 
-def drop_from_page_cache(file: Path) -> None:
-    """Flush ``file`` and ask the kernel to drop its cached pages, so the next read is from disk."""
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def clone_adapter(src: Path, dst: Path, seed: int, cold: bool = False) -> Path:
     """Copy of ``src`` with every lora_B redrawn from N(0, 0.02) (seeded): new content, same shapes."""
     from safetensors.torch import load_file, save_file
@@ -480,8 +469,9 @@ def clone_adapter(src: Path, dst: Path, seed: int, cold: bool = False) -> Path:
            for k, t in tensors.items()}
     save_file(out, dst / WEIGHTS_FILE, metadata={"format": "pt"})
     if cold:
-        drop_from_page_cache(dst / CONFIG_FILE)
-        drop_from_page_cache(dst / WEIGHTS_FILE)
+        from loraplex.bench.measure import drop_from_page_cache
+
+        drop_from_page_cache(dst)
     return dst
 
 
