@@ -105,6 +105,12 @@ def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],
     return groups
 
 
+# From this many rows on, a group's products run in the activations' dtype (slot weights
+# cast on the fly, a few hundred KB): on CPU, float32 wins for the thin decode products, but
+# for a prefill the float32 copies of x and of the delta cost more than bf16 saves.
+WIDE_ROWS = 64
+
+
 def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
              a_flat: torch.Tensor, b_flat: torch.Tensor, num_slices: int,
              alpha: float = 1.0) -> None:
@@ -114,23 +120,33 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
     merged adapter's delta out.
     """
     n_in, n_out = x.shape[1], out.shape[1]
-    xs = x if x.dtype == a_flat.dtype else x.to(a_flat.dtype)
+    x_in_slot_dtype = None  # x cast to the slots' dtype, made once when a group needs it
     for g in groups:
         k = num_slices * g.rank
+        dtype = x.dtype if g.rows.numel() >= WIDE_ROWS else a_flat.dtype
+        if dtype == x.dtype:
+            xs = x
+        else:
+            if x_in_slot_dtype is None:
+                x_in_slot_dtype = x.to(dtype)
+            xs = x_in_slot_dtype
         if g.pad_index is None:
             slot = g.slots[0]
-            a = a_flat[slot, :n_in * k].view(n_in, k)
-            b = b_flat[slot, :k * n_out].view(k, n_out)
+            a = a_flat[slot, :n_in * k].view(n_in, k).to(dtype)
+            b = b_flat[slot, :k * n_out].view(k, n_out).to(dtype)
             if g.rows.numel() == x.shape[0]:  # the whole batch: no gather, no scatter
-                out.add_((xs @ a) @ b, alpha=alpha)
+                if dtype == out.dtype:
+                    out.addmm_(xs @ a, b, alpha=alpha)
+                else:
+                    out.add_((xs @ a) @ b, alpha=alpha)
                 continue
             delta = (xs.index_select(0, g.rows) @ a) @ b  # [n, out]
         else:
             num, seg = len(g.slots), g.segment_len
             padded = xs.new_zeros(num * seg, n_in)
             padded[g.pad_index] = xs.index_select(0, g.rows)
-            a = _slot_batch(a_flat, g, n_in * k).view(num, n_in, k)
-            b = _slot_batch(b_flat, g, k * n_out).view(num, k, n_out)
+            a = _slot_batch(a_flat, g, n_in * k).view(num, n_in, k).to(dtype)
+            b = _slot_batch(b_flat, g, k * n_out).view(num, k, n_out).to(dtype)
             h = torch.bmm(padded.view(num, seg, n_in), a)  # [S, L, k]
             delta = torch.bmm(h, b).flatten(0, 1)[g.pad_index]  # [n, out]
         out.index_add_(0, g.rows, delta.to(out.dtype), alpha=alpha)

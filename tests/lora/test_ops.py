@@ -68,6 +68,9 @@ MIXES: dict[str, dict[int, int]] = {
     "every_slot_decodes": {-1: 4, **{s: 1 for s in SLOT_RANKS}},
     # rank 4: slots 0 and 2 but not 1 -> their weights are gathered, not a slot range.
     "gapped_slots": {-1: 2, 0: 3, 2: 3, 8: 2},
+    # groups of WIDE_ROWS or more (prefills) compute in the activations' dtype: rank 1 alone
+    # (70 rows), rank 4 batched (80 rows), beside a narrow rank-16 decode.
+    "wide_groups": {-1: 2, 4: 70, 0: 40, 1: 40, 8: 1},
     # one adapter for the whole batch (no gather or scatter needed)
     "one_slot_whole_batch": {3: 7},
     "all_of_it": {-1: 9, 0: 7, 1: 1, 2: 2, 3: 11, 4: 33, 5: 2, 6: 1, 8: 1, 9: 5},
