@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--task", default="json-record", help="The demo task whose prompts are used.")
     ap.add_argument("--draft", default=None, help="A draft trained for the adapter "
                     "(default: train one now with train-draft).")
-    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps", type=int, default=120)
     args = ap.parse_args()
 
     from loraplex import LLM, LoRARequest, SamplingParams, SpecConfig
