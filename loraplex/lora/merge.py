@@ -110,10 +110,6 @@ class LiveMerge:
         if was_packed:
             linear.pack()
 
-    @property
-    def is_merged(self) -> bool:
-        return bool(self._replaced)
-
     def unmerge(self) -> None:
         """Put back the very tensors the merge replaced."""
         while self._replaced:
