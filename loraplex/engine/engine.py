@@ -42,11 +42,12 @@ class LLMEngine:
         self.arch = read_arch(self.model_path)
         self.tokenizer = Tokenizer(self.model_path)
         model = load_model(self.model_path, self.dtype, self.device)
+        self._checkpoint: CheckpointReader | None = None  # base values for merges, opened once
         self.merged_adapter: LoRAAdapter | None = None  # merged for good (dedicated)
         if mc.merge is not None:
             # Offline there are no slots, so no rank limit; the base copies are dropped.
             self.merged_adapter = load_adapter(mc.merge, self.arch, max_lora_rank=1 << 20)
-            LiveMerge(model, CheckpointReader(self.model_path), [self.merged_adapter])
+            LiveMerge(model, self._checkpoint_reader(), [self.merged_adapter])
         model.pack_weights()
 
         cc = config.cache
@@ -68,7 +69,6 @@ class LLMEngine:
         self.auto_merge = (AutoMergePolicy(lc.auto_merge_share, lc.auto_merge_window)
                            if lc.auto_merge else None)
         self.live_merged: LoRAAdapter | None = None  # merged at run time (merge_lora or auto-merge)
-        self._checkpoint: CheckpointReader | None = None  # base values for run-time merges
         logger.info("loaded %s (%s, %s) with %d KV blocks; max_model_len %d", self.model_path,
                     self.dtype, self.device, num_blocks, self.max_model_len)
 
@@ -199,12 +199,16 @@ class LLMEngine:
     def _merge(self, adapter: LoRAAdapter) -> None:
         slot = self.adapters.activate(adapter)  # held while merged: the unmerge path reads it
         self.runner.load_adapters(self.adapters.take_pending_loads())
-        if self._checkpoint is None:
-            self._checkpoint = CheckpointReader(self.model_path)
-        self.runner.merge_adapter(slot, adapter, self._checkpoint)
+        merged_for_good = [self.merged_adapter] if self.merged_adapter is not None else []
+        self.runner.merge_adapter(slot, adapter, self._checkpoint_reader(), merged_for_good)
         self.live_merged = adapter
         self.adapters.stats.merges += 1
         logger.info("merged adapter %s into the weights", adapter.name)
+
+    def _checkpoint_reader(self) -> CheckpointReader:
+        if self._checkpoint is None:
+            self._checkpoint = CheckpointReader(self.model_path)
+        return self._checkpoint
 
     def _auto_merge_step(self, batch: ScheduledBatch) -> None:
         """Count this step's tokens by adapter; merge or unmerge when the policy says so."""

@@ -55,10 +55,13 @@ class ModelRunner:
             load_into_slot(self.lora_stacks, slot, adapter)
             self.slot_ranks[slot] = adapter.max_rank
 
-    def merge_adapter(self, slot: int, adapter: LoRAAdapter, checkpoint: CheckpointReader) -> None:
-        """Merge the adapter in ``slot`` (already loaded there) into the weights."""
+    def merge_adapter(self, slot: int, adapter: LoRAAdapter, checkpoint: CheckpointReader,
+                      merged_for_good: list[LoRAAdapter]) -> None:
+        """Merge the adapter in ``slot`` (already loaded there) into the weights.
+        ``merged_for_good``: adapters merged at load (dedicated), whose deltas the rebuilt
+        weights must keep, since they are built from the checkpoint."""
         assert self._live_merge is None and self.slot_ranks.get(slot) == adapter.max_rank
-        self._live_merge = LiveMerge(self.model, checkpoint, [adapter])
+        self._live_merge = LiveMerge(self.model, checkpoint, [*merged_for_good, adapter])
         self.merged_slot = slot
 
     def unmerge_adapter(self) -> None:

@@ -180,6 +180,27 @@ def test_run_time_merge_then_unmerge_restores_every_weight_bitwise(
     assert llm.engine.adapters.stats.merges == llm.engine.adapters.stats.unmerges == 1
 
 
+def test_run_time_merge_keeps_the_adapter_merged_at_load(tiny_model: Callable,
+                                                          tmp_path: Path) -> None:
+    """A dedicated deployment (merge= at load) that merges another adapter at run time:
+    the rebuilt weights hold both deltas, so nothing changes for any request."""
+    base = tiny_model("llama")
+    at_load = make_adapter(base, tmp_path / "a", seed=1, b_std=0.3, r=8, target_modules="all-linear")
+    live = LoRARequest("b", str(make_adapter(base, tmp_path / "b", seed=2, b_std=0.3, r=4,
+                                             target_modules=["q_proj", "down_proj"])))
+    llm = LLM(str(base), dtype="float32", kv_cache_gib=0.01, enable_prefix_caching=False,
+              merge=str(at_load))
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=1)
+    mix = [None, live]
+    unmerged = llm.generate(PROMPT_IDS, params, lora=mix)
+    llm.merge(live)
+    merged = llm.generate(PROMPT_IDS, params, lora=mix)
+    for m_out, u_out in zip(merged, unmerged):
+        assert m_out.token_ids == u_out.token_ids
+        torch.testing.assert_close([lp.logprob for lp in m_out.logprobs],
+                                   [lp.logprob for lp in u_out.logprobs], atol=1e-4, rtol=0)
+
+
 def test_unmerge_mapping_takes_the_merged_delta_out() -> None:
     """With slot 1 merged into the weights, every other token gets slot 1's delta taken
     out (and its own added): the result is what the unmerged weights would give."""
