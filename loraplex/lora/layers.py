@@ -33,7 +33,9 @@ class LoRAStack:
         # Per slot, A^T and block-diagonal B^T packed by the slot's own rank (lora/ops.py).
         self.a_flat = torch.zeros(max_loras, in_features * k, dtype=dtype, device=device)
         self.b_flat = torch.zeros(max_loras, k * self.out_features, dtype=dtype, device=device)
-        self.has_weights = [False] * max_loras  # slot targets this projection at all
+        self.weighted_slots: set[int] = set()  # slots whose adapter targets this projection
+        # slot -> its (A^T [in, k], B^T [k, out]) views at the loaded rank (lora/ops.py)
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load(self, slot: int, rank: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """rank: the slot's rank (the adapter's largest); modules: HF slice name ->
@@ -49,15 +51,20 @@ class LoRAStack:
                 a_t[:, i * rank:i * rank + a.shape[0]].copy_(a.T)
                 b_t[i * rank:i * rank + b.shape[1], offset:offset + size].copy_(b.T)
             offset += size
-        self.has_weights[slot] = bool(modules)
+        if modules:
+            self.weighted_slots.add(slot)
+        else:
+            self.weighted_slots.discard(slot)
+        self.views[slot] = (a_t, b_t)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
         """out: [N, out] base result, x: [N, in]; adds each token's adapter delta in place."""
-        for groups, alpha in ((mapping.groups, 1.0), (mapping.unmerge_groups, -1.0)):
+        for groups, alpha in mapping.passes:
             # Skip the groups whose adapters do not target this projection at all.
-            groups = [g for g in groups if any(self.has_weights[s] for s in g.slots)]
+            groups = [g for g in groups if not self.weighted_slots.isdisjoint(g.slots)]
             if groups:
-                add_lora(out, x, groups, self.a_flat, self.b_flat, len(self.slice_names), alpha)
+                add_lora(out, x, groups, self.a_flat, self.b_flat, len(self.slice_names), alpha,
+                         self.views)
 
 
 def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list[dict[str, LoRAStack]]:

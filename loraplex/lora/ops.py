@@ -39,6 +39,8 @@ class RankGroup:
     slots: list[int]
     slot_ids: torch.Tensor  # [S] long
     rows: torch.Tensor  # [n] long: token indices in the flat batch, grouped by slot
+    num_rows: int  # n
+    is_whole_batch: bool  # one slot, every token of the step: no gather, no scatter
     segment_len: int  # L: longest run of one slot (padding target of the batched path)
     pad_index: torch.Tensor | None  # [n] long: position of each row in [S * L]; None if S == 1
     is_slot_range: bool  # slots are consecutive: their weights batch without a copy
@@ -55,6 +57,11 @@ class LoRAMapping:
 
     groups: list[RankGroup]
     unmerge_groups: list[RankGroup]
+
+    @property
+    def passes(self) -> list[tuple[list[RankGroup], float]]:
+        """(groups, alpha) to apply: the adapters' deltas added, a merged one's taken out."""
+        return [(self.groups, 1.0)] + ([(self.unmerge_groups, -1.0)] if self.unmerge_groups else [])
 
     @classmethod
     def build(cls, token_slots: list[int], slot_ranks: dict[int, int], device: torch.device,
@@ -100,8 +107,9 @@ def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],
             pad_index = torch.tensor([i * seg_len + j for i, s in enumerate(slots)
                                       for j in range(len(by_slot[s]))], device=device)
         groups.append(RankGroup(rank, slots, torch.tensor(slots, device=device),
-                                torch.tensor(rows, device=device), seg_len, pad_index,
-                                slots == list(range(slots[0], slots[0] + len(slots)))))
+                                torch.tensor(rows, device=device), len(rows),
+                                len(slots) == 1 and len(rows) == len(token_slots), seg_len,
+                                pad_index, slots == list(range(slots[0], slots[0] + len(slots)))))
     return groups
 
 
@@ -113,17 +121,19 @@ WIDE_ROWS = 64
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
              a_flat: torch.Tensor, b_flat: torch.Tensor, num_slices: int,
-             alpha: float = 1.0) -> None:
+             alpha: float = 1.0,
+             views: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """out[t] += alpha * B_s (A_s x[t]) for every token t of ``groups`` (slot s); in place.
 
     out: [N, out], x: [N, in]; a_flat, b_flat: [slots, *] (layout above); alpha -1 takes a
-    merged adapter's delta out.
+    merged adapter's delta out. ``views``: slot -> its (A^T, B^T) views at its rank, made
+    once at load by the caller (on a decode step, slicing them here again costs about as
+    much as the products); slots not in it are sliced here.
     """
     n_in, n_out = x.shape[1], out.shape[1]
     x_in_slot_dtype = None  # x cast to the slots' dtype, made once when a group needs it
     for g in groups:
-        k = num_slices * g.rank
-        dtype = x.dtype if g.rows.numel() >= WIDE_ROWS else a_flat.dtype
+        dtype = x.dtype if g.num_rows >= WIDE_ROWS else a_flat.dtype
         if dtype == x.dtype:
             xs = x
         else:
@@ -132,16 +142,19 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
             xs = x_in_slot_dtype
         if g.pad_index is None:
             slot = g.slots[0]
-            a = a_flat[slot, :n_in * k].view(n_in, k).to(dtype)
-            b = b_flat[slot, :k * n_out].view(k, n_out).to(dtype)
-            if g.rows.numel() == x.shape[0]:  # the whole batch: no gather, no scatter
+            a, b = views[slot] if views is not None and slot in views else slot_views(
+                a_flat, b_flat, slot, g.rank, num_slices, n_in, n_out)
+            if dtype != a.dtype:
+                a, b = a.to(dtype), b.to(dtype)
+            if g.is_whole_batch:  # no gather, no scatter
                 if dtype == out.dtype:
-                    out.addmm_(xs @ a, b, alpha=alpha)
+                    out.addmm_(torch.mm(xs, a), b, alpha=alpha)
                 else:
-                    out.add_((xs @ a) @ b, alpha=alpha)
+                    out.add_(torch.mm(torch.mm(xs, a), b), alpha=alpha)
                 continue
-            delta = (xs.index_select(0, g.rows) @ a) @ b  # [n, out]
+            delta = torch.mm(torch.mm(xs.index_select(0, g.rows), a), b)  # [n, out]
         else:
+            k = num_slices * g.rank
             num, seg = len(g.slots), g.segment_len
             padded = xs.new_zeros(num * seg, n_in)
             padded[g.pad_index] = xs.index_select(0, g.rows)

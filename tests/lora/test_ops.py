@@ -203,7 +203,7 @@ def test_lora_stack_load_then_apply_equals_direct_products() -> None:
     }
     for slot, (rank, modules) in adapters.items():
         stack.load(slot, rank, modules)
-    assert stack.has_weights == [True, True, False, False]
+    assert stack.weighted_slots == {0, 1}
 
     token_slots = shuffled({-1: 4, 0: 5, 1: 3, 2: 4, 3: 2}, seed=3)
     x = torch.randn(len(token_slots), STACK_IN, generator=g)
