@@ -115,14 +115,14 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:  # [head_dim / 2] float32
     return torch.where(in_band, blended, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (HF layout).
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (HF layout): x * cos + [-x2, x1] * sin.
 
-    x: [N, heads, d]; cos, sin: [N, 1, d] (each half's angles repeated twice).
+    x: [N, heads, d]; cos, signed_sin: [N, 1, d] (each half's angles repeated twice, the
+    sine negated in the first half), so the rotation is a roll: three ops instead of
+    seven, which is what a decode step pays for.
     """
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -143,7 +143,7 @@ class LlamaLayer(nn.Module):
         self.down_proj = Linear(i, h)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, lora: LoRAMapping | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, hidden], the previous layer's output; residual: the running sum
@@ -154,7 +154,7 @@ class LlamaLayer(nn.Module):
         qkv = self.qkv_proj(h, lora)
         # Rotate q and k heads in one go: [N, heads + kv_heads, d].
         qk = apply_rope(qkv[:, :a.q_size + a.kv_size].view(-1, a.num_heads + a.num_kv_heads,
-                                                            a.head_dim), cos, sin)
+                                                            a.head_dim), cos, signed_sin)
         q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
         v = qkv[:, a.q_size + a.kv_size:].view(-1, a.num_kv_heads, a.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
@@ -177,11 +177,13 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, [N, 1, head_dim], in the model's dtype."""
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        """cos and signed sin (see ``apply_rope``) for each token, [N, 1, head_dim], in
+        the model's dtype."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [N, d/2]
         dtype = self.embed_tokens.dtype
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        return (torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype),
+                torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: torch.Tensor, meta: AttentionMetadata,
@@ -191,11 +193,11 @@ class LlamaModel(nn.Module):
 
         Returns the final-normed hidden states [N, hidden].
         """
-        cos, sin = self.rope_tables(positions)
+        cos, signed_sin = self.rope_tables(positions)
         x = F.embedding(input_ids, self.embed_tokens)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv[0], kv[1], meta, lora)
+            x, residual = layer(x, residual, cos, signed_sin, kv[0], kv[1], meta, lora)
         return F.rms_norm(x + residual, (self.arch.hidden_size,), self.norm,
                           self.arch.rms_norm_eps)
 
