@@ -6,6 +6,13 @@ copies from the prompt). ``DraftModelProposer`` runs a small Llama-family model 
 target's tokenizer, through the same model code and model runner as the target, with its
 own paged KV cache: each target sequence has a shadow sequence in the draft's cache that
 follows the target's accepted tokens.
+
+A draft folder may carry a draft vocabulary (``loraplex_draft_vocab.json``, written by
+``train-draft``): the token ids it may propose. Its head then keeps only those rows, so a
+draft position costs a fraction of the full head (576 x 49152 weights for the default
+model, more than the draft's layers together); the idea is FR-Spec's frequency-ranked
+draft vocabulary. Losslessness does not depend on it: a token the draft cannot propose is
+simply never accepted as a draft, and its draft distribution is zero outside the subset.
 """
 from __future__ import annotations
 
@@ -20,8 +27,29 @@ from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.sampler import _filtered_probs
 from loraplex.engine.sequence import Sequence
+from loraplex.models.linear import Linear
 from loraplex.models.llama import ModelArch
 from loraplex.models.loader import load_model, read_arch
+
+
+DRAFT_VOCAB_FILE = "loraplex_draft_vocab.json"
+
+
+def read_draft_vocab(folder: Path, vocab_size: int) -> list[int] | None:
+    """The token ids a draft folder restricts its proposals to; None: the whole vocabulary."""
+    file = folder / DRAFT_VOCAB_FILE
+    if not file.is_file():
+        return None
+    try:
+        ids = json.loads(file.read_text())["token_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"draft_model: {str(file)!r} is not a JSON object with a "
+                         f"'token_ids' list ({e})") from None
+    if (not isinstance(ids, list) or not ids or len(set(ids)) != len(ids)
+            or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids)):
+        raise ValueError(f"draft_model: {str(file)!r}: token_ids must be a non-empty list of "
+                         f"distinct ids in [0, {vocab_size})")
+    return ids
 
 
 class Proposer(ABC):
@@ -85,6 +113,11 @@ class DraftModelProposer(Proposer):
         self.arch = read_arch(path)
         check_same_vocab(path, self.arch, target_path, target_arch)
         model = load_model(path, dtype, device)
+        vocab = read_draft_vocab(path, self.arch.vocab_size)
+        # [V'] long: the token id of each row of the (restricted) head; None: all rows.
+        self.vocab_ids = None if vocab is None else torch.tensor(vocab, device=device)
+        if self.vocab_ids is not None:
+            model.lm_head = restricted_head(model.lm_head, self.vocab_ids)
         model.pack_weights()
         self.model = model
         self.device = device
@@ -120,20 +153,24 @@ class DraftModelProposer(Proposer):
                 end += n
                 last_rows[id(s)] = end - 1
             rows = torch.tensor([last_rows[id(s)] for s in shadows], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])  # [B, vocab]
+            logits = self.model.compute_logits(hidden[rows])  # [B, V'] (V': the head's rows)
             for i, (seq, shadow) in enumerate(running):
                 shadow.seq.num_computed_tokens += counts[i]
                 if seq.params.is_greedy:
-                    token_id = int(logits[i].argmax())
+                    row = int(logits[i].argmax())
                 else:
                     q = _filtered_probs(logits[i:i + 1], [seq])[0]
-                    token_id = int(torch.multinomial(q, 1, generator=seq.generator)[0])
+                    row = int(torch.multinomial(q, 1, generator=seq.generator)[0])
                     probs[id(seq)].append(q)
+                token_id = row if self.vocab_ids is None else int(self.vocab_ids[row])
                 shadow.seq.output_token_ids.append(token_id)
                 seq.draft_token_ids.append(token_id)
         for seq, _, _ in active:
             if probs[id(seq)]:
-                seq.draft_probs = torch.stack(probs[id(seq)])  # [k, vocab]
+                q = torch.stack(probs[id(seq)])  # [k, V']
+                if self.vocab_ids is not None:  # zero for the ids the draft cannot propose
+                    q = q.new_zeros(len(q), self.arch.vocab_size).index_copy_(1, self.vocab_ids, q)
+                seq.draft_probs = q  # [k, vocab]
 
     def _sync(self, target: Sequence) -> _Shadow:
         """Bring the shadow up to the target's tokens; its KV stays valid as far as the
@@ -162,6 +199,13 @@ class DraftModelProposer(Proposer):
             if shadow.target.status.is_finished:
                 self.blocks.free(shadow.seq)
                 del self.shadows[request_id]
+
+
+def restricted_head(head: Linear, vocab_ids: torch.Tensor) -> Linear:
+    """A head that scores only ``vocab_ids`` ([V'] long): row j is token vocab_ids[j]."""
+    restricted = Linear(head.weight.shape[1], len(vocab_ids))
+    restricted.weight.data = head.weight.data.index_select(0, vocab_ids)
+    return restricted
 
 
 def check_same_vocab(draft_path: Path, draft: ModelArch, target_path: Path,

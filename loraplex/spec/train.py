@@ -10,6 +10,10 @@
    (they are the target's); the copied layers and norms learn.
 4. Acceptance on held-out prompts is measured by this engine's speculative decoding
    (greedy, ``eval_tokens`` drafts per step), before and after training.
+5. The draft vocabulary (``--draft-vocab`` ids, spec/proposer.py): the tokens of the
+   training prompts and the target's continuations, most frequent first, then the lowest
+   remaining ids (BPE gives its earliest, most frequent merges the lowest ids), plus the
+   end-of-sequence ids. The draft's head scores only those.
 
 The output is a Hugging Face folder (config, safetensors, tokenizer) usable as
 ``--draft`` or ``--draft-for ADAPTER=DIR``; it is written to a temporary folder beside
@@ -22,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.config import _help
+from loraplex.spec.proposer import DRAFT_VOCAB_FILE
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class DraftTrainConfig:
     eval_tokens: int = _help("Draft tokens per step when measuring acceptance.", default=4)
     max_prompt_tokens: int = _help("Longer prompts are cut to their last tokens.",
                                    default=256)
+    draft_vocab: int = _help("Token ids the draft may propose (its head keeps only "
+                             "those rows): the most frequent in the training data first; "
+                             "0: the whole vocabulary.", default=8192)
     seed: int = _help("Seed of continuations, batches and held-out choice.", default=0)
     num_threads: int | None = _help("CPU threads; default all this process may use.",
                                     default=None)
@@ -67,6 +76,8 @@ class DraftTrainConfig:
                      "eval_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab: must be >= 0, got {self.draft_vocab}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.temperature < 0:
@@ -85,6 +96,7 @@ class DraftTrainReport:
     acceptance_after: float
     tokens_per_step_before: float
     tokens_per_step_after: float
+    draft_vocab_size: int  # token ids the draft's head scores
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -92,7 +104,7 @@ class DraftTrainReport:
                 f"KL {self.first_loss:.3f} -> {self.last_loss:.3f} | held-out acceptance "
                 f"{self.acceptance_before:.2f} -> {self.acceptance_after:.2f}, tokens/step "
                 f"{self.tokens_per_step_before:.2f} -> {self.tokens_per_step_after:.2f} "
-                f"({self.num_held_out} prompts)")
+                f"({self.num_held_out} prompts) | draft vocabulary {self.draft_vocab_size} ids")
 
 
 def read_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
@@ -151,12 +163,31 @@ def build_draft(target: Any, layer_ids: list[int]) -> Any:
     return draft
 
 
-def save_folder_atomically(model: Any, tokenizer_from: Path, out: Path) -> None:
+def draft_vocab(sequences: list[list[int]], eos_ids: set[int], vocab_size: int,
+                size: int) -> list[int]:
+    """``size`` token ids (all when 0 or >= vocab_size): the end-of-sequence ids, then the
+    ids of ``sequences`` by descending count, then the lowest ids not yet in."""
+    if size == 0 or size >= vocab_size:
+        return list(range(vocab_size))
+    counts = Counter(t for seq in sequences for t in seq)
+    chosen = dict.fromkeys(t for t in sorted(eos_ids) if t < vocab_size)  # ordered set
+    chosen.update(dict.fromkeys(t for t, _ in counts.most_common()))
+    for t in range(vocab_size):
+        if len(chosen) >= size:
+            break
+        chosen.setdefault(t)
+    return list(chosen)[:size]
+
+
+def save_folder_atomically(model: Any, tokenizer_from: Path, out: Path,
+                           vocab_ids: list[int] | None = None) -> None:
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
+        if vocab_ids is not None and len(vocab_ids) < model.config.vocab_size:
+            (tmp / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": vocab_ids}))
         for src in tokenizer_from.iterdir():
             if src.is_file() and ("token" in src.name or src.name.endswith(".jinja")
                                   or src.name == "generation_config.json"):
@@ -190,6 +221,7 @@ def train_draft(config: DraftTrainConfig, progress: bool = True) -> DraftTrainRe
     from transformers import AutoModelForCausalLM
 
     from loraplex import LLM, LoRARequest, SamplingParams
+    from loraplex.models.loader import read_arch
     from loraplex.models.registry import resolve_model
     from loraplex.models.tokenizer import Tokenizer
 
@@ -223,6 +255,9 @@ def train_draft(config: DraftTrainConfig, progress: bool = True) -> DraftTrainRe
                                               max_tokens=config.max_new_tokens), lora=lora)
     sequences = [(p, o.token_ids) for p, o in zip(train, outs) if o.token_ids]
     del llm
+    vocab_ids = draft_vocab([p + c for p, c in sequences],
+                            set(Tokenizer(target_path).eos_token_ids),
+                            read_arch(target_path).vocab_size, config.draft_vocab)
 
     teacher = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     layer_ids = pick_layers(teacher.config.num_hidden_layers, config.layers)
@@ -233,7 +268,7 @@ def train_draft(config: DraftTrainConfig, progress: bool = True) -> DraftTrainRe
         teacher = PeftModel.from_pretrained(teacher, config.adapter).eval()
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "draft"
-        save_folder_atomically(draft, target_path, before)
+        save_folder_atomically(draft, target_path, before, vocab_ids)
         acceptance_before = measure_acceptance(target_path, before, config.adapter, held_out, config)
 
     for name, param in draft.named_parameters():
@@ -260,7 +295,7 @@ def train_draft(config: DraftTrainConfig, progress: bool = True) -> DraftTrainRe
     draft.eval()
     for param in draft.parameters():
         param.requires_grad = False
-    save_folder_atomically(draft, target_path, out)
+    save_folder_atomically(draft, target_path, out, vocab_ids)
     acceptance_after = measure_acceptance(target_path, out, config.adapter, held_out, config)
     tail = losses[-max(1, len(losses) // 10):]
     report = DraftTrainReport(
@@ -268,7 +303,7 @@ def train_draft(config: DraftTrainConfig, progress: bool = True) -> DraftTrainRe
         num_held_out=len(held_out), first_loss=losses[0], last_loss=sum(tail) / len(tail),
         acceptance_before=acceptance_before[0], acceptance_after=acceptance_after[0],
         tokens_per_step_before=acceptance_before[1], tokens_per_step_after=acceptance_after[1],
-        extra={"config": asdict(config)})
+        draft_vocab_size=len(vocab_ids), extra={"config": asdict(config)})
     (out / "draft_training.json").write_text(json.dumps(asdict(report), indent=2))
     return report
 

@@ -1,6 +1,7 @@
 """SpecConfig validation, the CLI flags built from it, the choice of k, and refusals."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from loraplex import LLM, SpecConfig
 from loraplex.cli import build_parser, engine_options, main
 from loraplex.config import EngineConfig
 from loraplex.spec.decoder import best_num_tokens, expected_speedup
+from loraplex.spec.proposer import DRAFT_VOCAB_FILE
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -61,6 +63,18 @@ def test_draft_with_another_vocabulary_is_refused(tiny_target: Path, tiny_model)
     with pytest.raises(ValueError, match="^draft_model: .*vocab_size 256"):
         LLM(str(tiny_target), dtype="float32", kv_cache_gib=0.01,
             speculative=SpecConfig("draft", draft_model=str(other)))
+
+
+@pytest.mark.parametrize("content", ['{"token_ids": []}', '{"token_ids": [1, 1]}',
+                                     '{"token_ids": [49152]}', '[3, 4]', 'not json'])
+def test_bad_draft_vocabulary_is_refused(tiny_target: Path, tmp_path: Path,
+                                         content: str) -> None:
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_target, draft)
+    (draft / DRAFT_VOCAB_FILE).write_text(content)
+    with pytest.raises(ValueError, match=f"^draft_model: .*{DRAFT_VOCAB_FILE}"):
+        LLM(str(tiny_target), dtype="float32", kv_cache_gib=0.01,
+            speculative=SpecConfig("draft", draft_model=str(draft)))
 
 
 def test_speculative_argument_is_checked() -> None:

@@ -4,7 +4,9 @@ mixed batches where some sequences speculate and others do not, also when KV blo
 short (preemption); and the sampled distribution end to end."""
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from loraplex import LLM, LoRARequest, SamplingParams, SpecConfig
+from loraplex.spec.proposer import DRAFT_VOCAB_FILE
 
 from .conftest import spy_steps
 
@@ -122,6 +125,39 @@ def test_draft_models_shared_and_per_adapter_equal_plain_decoding(
     assert draft.shadows == {} and draft.blocks.num_free_blocks == draft.blocks.num_blocks
 
 
+def with_draft_vocab(src: Path, dst: Path, token_ids: list[int]) -> Path:
+    """A copy of the model folder ``src`` whose head may propose only ``token_ids``."""
+    shutil.copytree(src, dst)
+    (dst / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": token_ids}))
+    return dst
+
+
+def test_draft_vocabulary_restricts_the_proposals_not_the_output(
+        tiny_target: Path, tiny_adapters: dict[str, Path], reference: list[Any],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The target drafts for itself with its head cut to every other token id the
+    # reference outputs use, plus unrelated ids: the other half can never be proposed.
+    used = sorted({t for out in reference for t in out.token_ids})
+    kept = used[::2] + list(range(40000, 40100))
+    draft = with_draft_vocab(tiny_target, tmp_path / "draft", kept)
+    llm = LLM(str(tiny_target), dtype="float32", kv_cache_gib=0.01,
+              speculative=SpecConfig("draft", draft_model=str(draft), num_tokens=3,
+                                     max_spec_seqs=8))
+    proposer = llm.engine.spec.shared
+    proposed: list[int] = []
+    propose = proposer.propose
+
+    def spy(seqs: list[Any], num_tokens: list[int]) -> None:
+        propose(seqs, num_tokens)
+        proposed.extend(t for seq in seqs for t in seq.draft_token_ids)
+
+    monkeypatch.setattr(proposer, "propose", spy)
+    outs = llm.generate(prompts(), params(), lora=lora_requests(tiny_adapters))
+    assert_same_outputs(outs, reference)
+    assert proposed and set(proposed) <= set(kept)
+    assert llm.engine.spec.stats[None].num_accepted_tokens > 0
+
+
 def test_automatic_num_tokens_and_large_batches(
         tiny_target: Path, tiny_adapters: dict[str, Path], reference: list[Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,16 +197,20 @@ def test_real_model_ngram_equals_plain_decoding(llm_f32: LLM) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("draft_vocab", ["whole", "even ids"])
 def test_sampled_tokens_follow_the_targets_distribution(
-        small_vocab_pair: tuple[Path, Path]) -> None:
+        small_vocab_pair: tuple[Path, Path], draft_vocab: str, tmp_path: Path) -> None:
     """3 tokens sampled (temperature 0.8, top-k 3) from one prompt, 2000 times, with a
     noisy copy of the target drafting 2 tokens: tokens 2 and 3 come from verification.
     The 27 possible triples must follow the target's exact distribution, computed with
     transformers: chi-square below df + 6 sqrt(2 df) (see test_verify.py), and nothing
-    outside the top 3 ever drawn."""
+    outside the top 3 ever drawn. Also with a draft that may propose only even ids: the
+    odd ones then come from the residual alone."""
     from transformers import AutoModelForCausalLM
 
     target, draft = small_vocab_pair
+    if draft_vocab == "even ids":
+        draft = with_draft_vocab(draft, tmp_path / "draft", list(range(0, 256, 2)))
     prompt = [11, 245, 77, 190, 5]
     params = SamplingParams(temperature=0.8, top_k=3, max_tokens=3, ignore_eos=True)
     hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from loraplex.cli import main
-from loraplex.spec.train import DraftTrainConfig, pick_layers, train_draft
+from loraplex.models.tokenizer import Tokenizer
+from loraplex.spec.proposer import DRAFT_VOCAB_FILE
+from loraplex.spec.train import DraftTrainConfig, draft_vocab, pick_layers, train_draft
 
 from .conftest import make_adapter
 
@@ -40,7 +42,8 @@ def test_train_draft_for_an_adapter(tiny_model, tmp_path: Path,
     out = tmp_path / "draft"
     assert main(["train-draft", "--model", str(target), "--adapter", str(adapter), "--data",
                  str(data), "--out", str(out), "--layers", "2", "--steps", "60",
-                 "--max-new-tokens", "16", "--lr", "3e-3", "--num-held-out", "6"]) == 0
+                 "--max-new-tokens", "16", "--lr", "3e-3", "--num-held-out", "6",
+                 "--draft-vocab", "24576"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith(f"train-draft: {out} (2 layers [0, 3])")
     report = json.loads((out / "draft_training.json").read_text())
@@ -55,6 +58,11 @@ def test_train_draft_for_an_adapter(tiny_model, tmp_path: Path,
     assert not torch.equal(draft.model.layers[1].mlp.down_proj.weight,
                            hf_target.model.layers[3].mlp.down_proj.weight)  # trained
     assert (out / "tokenizer.json").is_file()
+    # The draft vocabulary: half the ids (a random model's continuations spread over all
+    # of them; a task adapter's use far fewer), the end-of-sequence ids among them.
+    vocab = json.loads((out / DRAFT_VOCAB_FILE).read_text())["token_ids"]
+    assert len(set(vocab)) == len(vocab) == 24576 == report["draft_vocab_size"]
+    assert set(Tokenizer(target).eos_token_ids) <= set(vocab)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".draft.")]  # no temp left
     # The output exists now: a second run is refused before any work.
     assert main(["train-draft", "--model", str(target), "--data", str(data), "--out",
@@ -84,3 +92,12 @@ def test_layers_are_spread_over_the_target() -> None:
     assert pick_layers(4, 2) == [0, 3]
     assert pick_layers(2, 5) == [0, 1]
     assert pick_layers(8, 1) == [0]
+
+
+def test_draft_vocabulary_ranks_by_count_then_fills_with_low_ids() -> None:
+    sequences = [[9, 7, 7, 5], [7, 5, 300]]
+    # eos first, then by count (7: 3, 5: 2, then 9 and 300 once each, first seen first).
+    assert draft_vocab(sequences, {2}, 1000, 5) == [2, 7, 5, 9, 300]
+    assert draft_vocab(sequences, {2}, 1000, 8) == [2, 7, 5, 9, 300, 0, 1, 3]
+    assert draft_vocab(sequences, {2}, 1000, 3) == [2, 7, 5]
+    assert draft_vocab(sequences, {2}, 1000, 0) == list(range(1000))  # 0: the whole vocabulary
