@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 class Reason(str, Enum):
-    """Why a replica was chosen (the balancer counts them)."""
+    """Why a replica was chosen (tests check it; it explains a decision in a log)."""
 
     HOLDER = "holder"      # holds the adapter, queue within slack of the shortest
     OVERFLOW = "overflow"  # a holder exists but is too busy: least-loaded replica instead

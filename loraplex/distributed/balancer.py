@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from ray.serve.request_router import (PendingRequest, ReplicaID, ReplicaResult,
                                       RequestRouter, RunningReplica)
@@ -47,7 +47,6 @@ class AdapterAffinityRouter(RequestRouter):
         self._rng = random.Random()
         # adapter id -> replica -> when a request for it was last routed there
         self._recently_routed: defaultdict[str, dict[ReplicaID, float]] = defaultdict(dict)
-        self.decisions: Counter[str] = Counter()  # by Reason, for debugging
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -66,7 +65,6 @@ class AdapterAffinityRouter(RequestRouter):
         choice = choose_replica(loads, adapter_id or None, holders, self.slack, self._rng)
         if choice is None:
             return []  # every replica full or silent: Serve backs off and asks again
-        self.decisions[choice.reason.value] += 1
         chosen = [r for r in candidate_replicas if r.replica_id == choice.replica_id]
         rest = [r for r in candidate_replicas if r.replica_id != choice.replica_id]
         # If the chosen one turns out full by the time Serve sends, the least loaded of
