@@ -65,6 +65,8 @@ class AdapterAffinityRouter(RequestRouter):
         choice = choose_replica(loads, adapter_id or None, holders, self.slack, self._rng)
         if choice is None:
             return []  # every replica full or silent: Serve backs off and asks again
+        logger.debug("request for %r -> %s (%s)", adapter_id or "base", choice.replica_id,
+                     choice.reason.value)
         chosen = [r for r in candidate_replicas if r.replica_id == choice.replica_id]
         rest = [r for r in candidate_replicas if r.replica_id != choice.replica_id]
         # If the chosen one turns out full by the time Serve sends, the least loaded of
