@@ -2,13 +2,16 @@
 
     python benchmarks/scaleout.py [--replicas 2] [--adapters 16] [--requests 64]
                                   [--rounds 4] [--concurrency 16] [--max-tokens 16]
-                                  [--model smollm2-135m] [--dtype auto]
+                                  [--affinity-slack 2] [--model smollm2-135m]
+                                  [--dtype auto]
 
 Starts a local Ray cluster (loopback only) and deploys two Serve applications side by
 side, each ``--replicas`` engine replicas behind loraplex's router: ``affinity`` (requests
-carry their adapter as Serve's multiplexed model id, so they go to a replica that holds
-it) and ``blind`` (no id: Ray Serve's default power-of-two-choices balancing, which
-spreads every adapter over every replica, like round-robin). Each replica holds
+carry their adapter as Serve's multiplexed model id, and loraplex's bounded-load balancer
+sends each to a replica holding its adapter unless that replica is more than
+``--affinity-slack`` requests busier than the idlest) and ``blind`` (no id: Ray Serve's
+default power-of-two-choices balancing, which spreads every adapter over every replica,
+like round-robin). Each replica holds
 ``--adapters / --replicas`` adapters in host memory (``max_cpu_loras``, and the affinity
 capacity), so together they fit all adapters once, not twice.
 
@@ -65,6 +68,7 @@ def deploy(args: argparse.Namespace, adapters: dict[str, str], work: Path) -> No
                               adapter_root=str(work / "adapters"))
         ray_config = RayServeConfig(replicas=args.replicas, adapter_affinity=mode == "affinity",
                                     max_ongoing_requests=args.max_ongoing, app_name=mode,
+                                    affinity_slack=args.affinity_slack,
                                     max_adapters_per_replica=per_replica)
         serve.run(build_app(engine, server, ray_config), name=mode, route_prefix=f"/{mode}")
 
@@ -118,6 +122,9 @@ def main() -> int:
                         help="Requests Serve sends one replica at once; past it, affinity "
                         "spills to another replica.")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--affinity-slack", type=int, default=2,
+                        help="Bounded-load affinity: queue excess a holder may have over "
+                        "the idlest replica before requests overflow.")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--timeout", type=float, default=900, help="Bound on one round, s.")
@@ -181,7 +188,8 @@ def main() -> int:
     a, b = summary["affinity"], summary["blind"]
     print(f"scaleout: {args.replicas} replicas, {args.adapters} adapters (Zipf 1.1), "
           f"{args.rounds}x{args.requests} requests per mode, concurrency {args.concurrency}, "
-          f"{args.max_tokens} tokens, dtype {args.dtype}: adapter loads affinity "
+          f"{args.max_tokens} tokens, dtype {args.dtype}, affinity slack "
+          f"{args.affinity_slack}: adapter loads affinity "
           f"{loads['affinity']} vs blind {loads['blind']}; TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
           f"p99 {a['ttft_p99_ms']} vs {b['ttft_p99_ms']} ms (median round p99 ratio "
           f"{ratio:.2f}, target <= 1.05); lost {lost['affinity'] + lost['blind']}: "

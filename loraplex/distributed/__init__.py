@@ -3,11 +3,13 @@
 Needs the ``ray`` extra (``pip install 'loraplex[ray]'``). Importing this package does not
 import Ray; ``build_app`` does, when called.
 
-- ``config.py``: ``RayServeConfig`` (replicas, autoscaling, affinity), Ray-free.
+- ``config.py``: ``RayServeConfig`` (replicas, autoscaling, affinity and its slack), Ray-free.
 - ``shared_store.py``: the adapter registry every replica shares on one disk.
 - ``asgi_bridge.py``: a forwarded request through the single server's ASGI app.
 - ``replica.py``: one engine replica (Serve deployment, multiplexed adapter loads).
-- ``router.py``: the ingress choosing a replica by the request's adapter.
+- ``affinity.py``: bounded-load adapter affinity, the decision alone, Ray-free.
+- ``balancer.py``: the Serve request router that applies it to the replica deployment.
+- ``router.py``: the ingress naming each request's adapter for the balancer.
 - ``app.py``: ``build_app`` and ``serve_on_ray`` (``loraplex serve --replicas N``).
 """
 from __future__ import annotations

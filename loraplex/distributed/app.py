@@ -1,7 +1,8 @@
 """Build the Ray Serve application, and run it for ``loraplex serve --replicas N``.
 
 ``build_app(engine_config, server_config, ray_config)`` returns a bound Serve application
-(router -> replicas) for users who deploy with their own Serve setup, e.g.
+(router -> replicas; with ``adapter_affinity``, the replicas' handle routes by
+``balancer.AdapterAffinityRouter``) for users who deploy with their own Serve setup, e.g.
 ``serve.run(build_app(...), route_prefix="/")``; ``app_builder`` is the same for Serve's
 CLI and config files (``import_path``). ``serve_on_ray`` is what the CLI runs:
 join or start a Ray cluster, start Serve's HTTP proxy on ``--host``/``--port``, deploy,
@@ -23,8 +24,10 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from loraplex.config import CONFIG_PARTS, EngineConfig, ServerConfig
+from loraplex.distributed.balancer import AdapterAffinityRouter
 from loraplex.distributed.config import RayServeConfig
 from loraplex.distributed.replica import LoraplexReplica
 from loraplex.distributed.router import LoraplexRouter
@@ -48,8 +51,12 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     # Relative paths would mean something else in each worker's working directory.
     server_config = _absolute_paths(server_config)
     max_adapters = ray_config.max_adapters_per_replica or engine_config.lora.max_cpu_loras
-    replica = serve.deployment(LoraplexReplica, name="LoraplexReplica",
-                               **ray_config.deployment_options())
+    options = ray_config.deployment_options()
+    if ray_config.adapter_affinity:  # else Serve's default router: the adapter-blind baseline
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter,
+            request_router_kwargs={"slack": ray_config.affinity_slack})
+    replica = serve.deployment(LoraplexReplica, name="LoraplexReplica", **options)
     router = serve.deployment(LoraplexRouter, name="LoraplexRouter", num_replicas=1,
                               max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
     replicas = replica.bind(engine_config, server_config, startup_adapters, max_adapters)

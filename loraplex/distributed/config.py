@@ -37,8 +37,14 @@ class RayServeConfig:
                                                  "routing (LRU); default --max-cpu-loras.",
                                                  default=None)
     adapter_affinity: bool = _help("Route a request to a replica that already holds its "
-                                   "adapter (Ray Serve model multiplexing); off: Ray's "
-                                   "default load balancing, blind to adapters.", default=True)
+                                   "adapter, within --affinity-slack of the least-loaded "
+                                   "one; off: Ray Serve's default load balancing, blind to "
+                                   "adapters.", default=True)
+    affinity_slack: int = _help("Affinity's bound on load: a request goes to a replica "
+                                "holding its adapter only while that replica's queue is at "
+                                "most this many requests longer than the shortest; past "
+                                "it, to the least-loaded replica, which loads the adapter "
+                                "too.", default=2)
     replica_num_cpus: float = _help("CPUs Ray reserves for each replica.", default=1.0)
     app_name: str = _help("Ray Serve application name.", default="loraplex")
 
@@ -64,6 +70,8 @@ class RayServeConfig:
         if self.max_adapters_per_replica is not None and self.max_adapters_per_replica < 1:
             raise ValueError(f"max_adapters_per_replica: must be >= 1, got "
                              f"{self.max_adapters_per_replica}")
+        if self.affinity_slack < 0:
+            raise ValueError(f"affinity_slack: must be >= 0, got {self.affinity_slack}")
         if self.replica_num_cpus < 0:
             raise ValueError(f"replica_num_cpus: must be >= 0, got {self.replica_num_cpus}")
         if not self.app_name:

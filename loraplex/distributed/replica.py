@@ -5,9 +5,10 @@ replica.
 (``server.api.create_app``), so every route, key check and error shape is the single
 server's. The adapter a request names arrives as Ray Serve's multiplexed model id;
 the replica loads it through ``serve.multiplexed`` (disk -> host memory, in the engine's
-adapter cache) before the request runs. Serve learns from that which replica holds which
-adapter and routes the next request for it there. The multiplexer's LRU capacity is the
-replica's adapter capacity (``max_adapters_per_replica``, default ``max_cpu_loras``).
+adapter cache) before the request runs. Serve reports which replica holds which adapter to
+the router (``balancer.py``), which sends the next request for it there unless that
+replica is too busy. The multiplexer's LRU capacity is the replica's adapter capacity
+(``max_adapters_per_replica``, default ``max_cpu_loras``).
 
 Every response names the replica (``x-loraplex-replica``) and its engine's adapter loads
 so far (``x-loraplex-adapter-loads``): the router keeps per-replica books from them.

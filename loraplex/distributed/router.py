@@ -1,11 +1,13 @@
 """The ingress: one HTTP endpoint that sends each request to a replica.
 
 It reads the OpenAI body's ``model``; for an adapter (anything but the base model id) it
-calls the replicas with that adapter as Ray Serve's multiplexed model id, so Serve's
-router prefers a replica that already holds the adapter and otherwise falls back to the
-replica holding the fewest (which then loads it), and among candidates picks the less
-loaded of two. Base-model requests carry no id and spread over all replicas. With
-``adapter_affinity`` off, no request carries an id (the baseline the benchmark compares).
+calls the replicas with that adapter as Ray Serve's multiplexed model id. The replicas'
+handle routes with ``balancer.AdapterAffinityRouter``: to the least-busy replica holding
+the adapter while its queue stays within ``affinity_slack`` of the shortest, else to the
+least-loaded replica (which then loads the adapter). Base-model requests carry no id and
+go to the less loaded of two random replicas. With ``adapter_affinity`` off, no request
+carries an id and Serve's default router balances blind to adapters (the baseline the
+benchmark compares).
 
 Everything else (auth, validation, errors) is the replica's: the router only needs the
 caller's tenant to tell tenant a's ``bot`` from tenant b's. Failures between router and

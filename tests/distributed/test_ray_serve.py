@@ -198,6 +198,32 @@ def test_requests_for_an_adapter_concentrate_on_one_replica(cluster: Cluster) ->
     assert sum(base_replicas.values()) == 12 and len(base_replicas) == 2, base_replicas
 
 
+def test_a_busy_holder_shares_its_adapter(cluster: Cluster) -> None:
+    """Bounded load: a burst for one adapter fills its holder only up to the slack (2
+    requests more than the idlest replica); the surplus goes to the other replica, which
+    loads the adapter too. Serve's plain multiplexing would queue all of them on the holder
+    (its limit, 64 ongoing requests, is far away)."""
+    cluster.wait_for(lambda: cluster.complete("gamma")[1] == cluster.complete("gamma")[1],
+                     "gamma to stay on one replica", timeout=60)
+    served: Counter[str] = Counter()
+    lock = threading.Lock()
+    client = cluster.client()
+
+    def long_request() -> None:
+        raw = client.completions.with_raw_response.create(
+            model="gamma", prompt="Count:", max_tokens=200, temperature=0,
+            extra_body={"ignore_eos": True})
+        with lock:
+            served[raw.headers[REPLICA_HEADER]] += 1
+
+    threads = [threading.Thread(target=long_request) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sum(served.values()) == 8 and len(served) == 2, served
+
+
 def test_uploads_are_visible_to_every_replica(cluster: Cluster) -> None:
     archive = zip_folder(cluster.root / "alpha")
     with cluster.http(A_KEY) as http:
@@ -239,8 +265,9 @@ def test_a_killed_replica_loses_no_retried_request(cluster: Cluster) -> None:
                                timeout=120, http_client=httpx.Client(
                                    event_hooks={"response": [record]}, timeout=120))
         for _ in range(3):
-            # All for alpha, so affinity sends them to the victim; lengths differ, so when
-            # the first finishes the others are still running there.
+            # All for alpha, so affinity sends them to the victim (up to the slack; the
+            # surplus shares the other replica); lengths differ, so when the first
+            # finishes the others are still running there.
             try:
                 out = client.completions.create(model="alpha", prompt="Count:", temperature=0,
                                                 max_tokens=60 + 40 * k,
