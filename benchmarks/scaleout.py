@@ -2,7 +2,7 @@
 
     python benchmarks/scaleout.py [--replicas 2] [--adapters 16] [--requests 64]
                                   [--rounds 4] [--concurrency 16] [--max-tokens 16]
-                                  [--affinity-slack 2] [--model smollm2-135m]
+                                  [--affinity-slack 4] [--model smollm2-135m]
                                   [--dtype auto]
 
 Starts a local Ray cluster (loopback only) and deploys two Serve applications side by
@@ -122,7 +122,7 @@ def main() -> int:
                         help="Requests Serve sends one replica at once; past it, affinity "
                         "spills to another replica.")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--affinity-slack", type=int, default=2,
+    parser.add_argument("--affinity-slack", type=int, default=4,
                         help="Bounded-load affinity: queue excess a holder may have over "
                         "the idlest replica before requests overflow.")
     parser.add_argument("--model", default="smollm2-135m")

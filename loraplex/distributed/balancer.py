@@ -37,9 +37,9 @@ class AdapterAffinityRouter(RequestRouter):
     """Not a subclass of FIFOMixin on purpose: the replica chosen for a request must serve
     that request, not the oldest waiting one (which may name another adapter)."""
 
-    slack: int = 2  # replaced by initialize_state (RayServeConfig.affinity_slack)
+    slack: int = 4  # replaced by initialize_state (RayServeConfig.affinity_slack)
 
-    def initialize_state(self, slack: int = 2) -> None:
+    def initialize_state(self, slack: int = 4) -> None:
         """Serve calls this with the deployment's ``request_router_kwargs``."""
         if slack < 0:
             raise ValueError(f"affinity_slack: must be >= 0, got {slack}")

@@ -63,7 +63,7 @@ class LoRAStack:
             # Skip the groups whose adapters do not target this projection at all.
             groups = [g for g in groups if not self.weighted_slots.isdisjoint(g.slots)]
             if groups:
-                add_lora(out, x, groups, self.a_flat, self.b_flat, len(self.slice_names), alpha,
+                add_lora(out, x, groups, self.a_flat, self.b_flat, self.out_sizes, alpha,
                          self.views)
 
 

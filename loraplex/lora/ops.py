@@ -12,7 +12,8 @@ so the views are contiguous whatever the rank, an adapter of small rank reads on
 weights, and slots that sit next to each other form a batch of matrices without a copy.
 A fused projection (qkv: 3 slices, gate_up: 2) takes one shrink and one expand for all its
 slices: on a decode step the cost is the number of operations, not the arithmetic, and the
-zero blocks of B cost a few percent of bytes.
+zero blocks of B cost a few percent of bytes. A prefill of one adapter (``WIDE_ROWS`` rows
+or more) is bound by arithmetic instead: there each slice is expanded on its own block.
 
 The buffers may have their own dtype: on CPU they are float32 (lora/layers.py says why);
 tokens are cast to it, deltas back to the output's dtype.
@@ -120,17 +121,18 @@ WIDE_ROWS = 64
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
-             a_flat: torch.Tensor, b_flat: torch.Tensor, num_slices: int,
+             a_flat: torch.Tensor, b_flat: torch.Tensor, out_sizes: list[int],
              alpha: float = 1.0,
              views: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """out[t] += alpha * B_s (A_s x[t]) for every token t of ``groups`` (slot s); in place.
 
-    out: [N, out], x: [N, in]; a_flat, b_flat: [slots, *] (layout above); alpha -1 takes a
-    merged adapter's delta out. ``views``: slot -> its (A^T, B^T) views at its rank, made
-    once at load by the caller (on a decode step, slicing them here again costs about as
-    much as the products); slots not in it are sliced here.
+    out: [N, out], x: [N, in]; a_flat, b_flat: [slots, *] (layout above); out_sizes: the
+    output size of each slice (sum = out); alpha -1 takes a merged adapter's delta out.
+    ``views``: slot -> its (A^T, B^T) views at its rank, made once at load by the caller
+    (on a decode step, slicing them here again costs about as much as the products); slots
+    not in it are sliced here.
     """
-    n_in, n_out = x.shape[1], out.shape[1]
+    n_in, n_out, num_slices = x.shape[1], out.shape[1], len(out_sizes)
     x_in_slot_dtype = None  # x cast to the slots' dtype, made once when a group needs it
     for g in groups:
         dtype = x.dtype if g.num_rows >= WIDE_ROWS else a_flat.dtype
@@ -144,6 +146,18 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
             slot = g.slots[0]
             a, b = views[slot] if views is not None and slot in views else slot_views(
                 a_flat, b_flat, slot, g.rank, num_slices, n_in, n_out)
+            if (g.is_whole_batch and g.num_rows >= WIDE_ROWS and dtype == out.dtype
+                    and num_slices > 1):
+                # A wide batch (a prefill) is bound by arithmetic: expand each slice on its
+                # own diagonal block, into its columns of out, skipping B's zero blocks
+                # (measured: a third less LoRA time for qkv and gate_up at 512 rows).
+                h = torch.mm(xs, a.to(dtype))  # [N, k]
+                r, start = g.rank, 0
+                for i, size in enumerate(out_sizes):
+                    block = b[i * r:(i + 1) * r, start:start + size].to(dtype)  # [r, size]
+                    out[:, start:start + size].addmm_(h[:, i * r:(i + 1) * r], block, alpha=alpha)
+                    start += size
+                continue
             if dtype != a.dtype:
                 a, b = a.to(dtype), b.to(dtype)
             if g.is_whole_batch:  # no gather, no scatter

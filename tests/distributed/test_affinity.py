@@ -100,7 +100,7 @@ def test_bad_values_are_named() -> None:
         ReplicaLoad("r0", -2, 8)
     with pytest.raises(ValueError, match="^affinity_slack: must be >= 0, got -1"):
         RayServeConfig(affinity_slack=-1)
-    assert RayServeConfig().affinity_slack == 2
+    assert RayServeConfig().affinity_slack == 4
 
 
 def test_the_decision_and_config_do_not_import_ray() -> None:

@@ -92,7 +92,7 @@ def cluster(tiny_model: Callable[..., Path], adapters_dir: Path,
     server_config = ServerConfig(api_keys=str(keys), adapter_root=str(adapters_dir),
                                  state_dir=str(tmp_path_factory.mktemp("ray_state")))
     ray_config = RayServeConfig(replicas=2, max_adapters_per_replica=2, replica_num_cpus=1,
-                                app_name=APP)
+                                affinity_slack=2, app_name=APP)
     app = build_app(engine_config, server_config, ray_config,
                     {name: str(adapters_dir / name) for name in ADAPTERS})
     # 3 logical CPUs: two replicas, and room for a replacement while a killed one goes.

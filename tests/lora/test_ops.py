@@ -71,8 +71,10 @@ MIXES: dict[str, dict[int, int]] = {
     # groups of WIDE_ROWS or more (prefills) compute in the activations' dtype: rank 1 alone
     # (70 rows), rank 4 batched (80 rows), beside a narrow rank-16 decode.
     "wide_groups": {-1: 2, 4: 70, 0: 40, 1: 40, 8: 1},
-    # one adapter for the whole batch (no gather or scatter needed)
+    # one adapter for the whole batch (no gather or scatter needed): a decode batch, and a
+    # prefill (computed in the activations' dtype, slice by slice)
     "one_slot_whole_batch": {3: 7},
+    "one_slot_wide_whole_batch": {3: 70},
     "all_of_it": {-1: 9, 0: 7, 1: 1, 2: 2, 3: 11, 4: 33, 5: 2, 6: 1, 8: 1, 9: 5},
 }
 
@@ -143,7 +145,7 @@ def test_add_lora_equals_reference(mix: str, num_slices: int, dtypes: str) -> No
     mapping = LoRAMapping.build(token_slots, SLOT_RANKS, CPU)
     check_groups(mapping, token_slots)
     fast = base.clone()
-    add_lora(fast, x, mapping.groups, stack.a_flat, stack.b_flat, num_slices)
+    add_lora(fast, x, mapping.groups, stack.a_flat, stack.b_flat, out_sizes)
     assert fast.dtype == dtype
     reference = base.clone()
     add_lora_reference(reference, x, token_slots, SLOT_RANKS, stack.a_flat, stack.b_flat,
