@@ -404,14 +404,23 @@ def pure_decode_rate(steps: Sequence[tuple[float, list]], num_requests: int) -> 
     ``tok_s``: their tokens over their time (end of that step to the end of the last one).
     ``median_tok_s``: the median over those steps of tokens / step duration -- robust to
     a burst of other tenants' work on a shared machine, which inflates a few steps.
-    Also ``tokens``, ``seconds``, ``steps``; nan rates if no step is left."""
+    Also ``tokens``, ``seconds``, ``steps``; nan rates if no step is left. A step's tokens
+    are counted from each output's growth, so a speculative step that appends several
+    tokens to a request counts them all."""
     seen: set[str] = set()
+    lengths: dict[str, int] = {}  # request -> generated tokens as of the last step seen
     for k, (t, outs) in enumerate(steps):
-        seen.update(o.request_id for o in outs)
+        for o in outs:
+            seen.add(o.request_id)
+            lengths[o.request_id] = len(o.token_ids)
         if len(seen) >= num_requests:
             rates, tokens, prev = [], 0, t
             for tt, o in steps[k + 1:]:
-                n = sum(1 for x in o if x.error is None)
+                n = 0
+                for x in o:
+                    if x.error is None:
+                        n += len(x.token_ids) - lengths.get(x.request_id, 0)
+                    lengths[x.request_id] = len(x.token_ids)
                 if n:
                     rates.append(n / (tt - prev))
                     tokens += n
