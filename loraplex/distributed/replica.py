@@ -7,8 +7,8 @@ server's. The adapter a request names arrives as Ray Serve's multiplexed model i
 the replica records it through ``serve.multiplexed`` (bookkeeping: the engine loads the
 adapter itself, in the background, when the request arrives). Serve reports which replica
 holds which adapter to the router (``balancer.py``), which sends the next request for it
-there unless that replica is too busy. The multiplexer's LRU capacity is the replica's adapter capacity
-(``max_adapters_per_replica``, default ``max_cpu_loras``).
+there unless that replica is too busy. The multiplexer's LRU capacity is the replica's
+adapter capacity (``max_adapters_per_replica``, default ``max_cpu_loras``).
 
 Every response names the replica (``x-loraplex-replica``) and its engine's adapter loads
 so far (``x-loraplex-adapter-loads``): the router keeps per-replica books from them.
