@@ -14,6 +14,7 @@ import torch
 
 from loraplex.models.llama import ModelArch
 from loraplex.models.loader import read_arch
+from peft_adapters import make_adapter  # noqa: F401  (the tests import it from here)
 
 TINY_LLAMA: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -80,15 +81,3 @@ def hf_model(path: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_adapter(base: Path, folder: Path, seed: int, b_std: float, **lora_kwargs: Any) -> Path:
-    """A real PEFT adapter whose lora_B is random (PEFT starts it at zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(hf_model(base), LoraConfig(**lora_kwargs))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, b_std)
-    peft_model.save_pretrained(folder)
-    return folder

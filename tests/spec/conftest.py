@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from peft_adapters import make_adapter as make_peft_adapter
+
 
 @pytest.fixture(scope="session")
 def tiny_target(tiny_model: Callable[..., Path]) -> Path:
@@ -24,19 +26,8 @@ def tinier_draft(tiny_model: Callable[..., Path]) -> Path:
 
 def make_adapter(base: Path, folder: Path, seed: int, b_std: float = 0.2) -> Path:
     """A real PEFT adapter (r 4, attention and MLP) whose lora_B is random."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, b_std)
-    peft_model.save_pretrained(folder)
-    return folder
+    return make_peft_adapter(base, folder, seed, b_std, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
 
 
 @pytest.fixture(scope="session")
