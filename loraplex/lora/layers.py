@@ -7,8 +7,11 @@ the slot's used region is zeroed, so slices it does not target contribute nothin
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
+from loraplex.lora import native
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.ops import LoRAMapping, add_lora, slot_views
 from loraplex.models.llama import LlamaModel
@@ -30,10 +33,16 @@ class LoRAStack:
         self.out_sizes = out_sizes
         self.out_features = sum(out_sizes)
         k = len(slice_names) * max_rank
-        # Per slot, A^T and block-diagonal B^T packed by the slot's own rank (lora/ops.py).
+        # Per slot, A and block-diagonal B^T packed by the slot's own rank (lora/ops.py).
         self.a_flat = torch.zeros(max_loras, in_features * k, dtype=dtype, device=device)
         self.b_flat = torch.zeros(max_loras, k * self.out_features, dtype=dtype, device=device)
         self.weighted_slots: set[int] = set()  # slots whose adapter targets this projection
+        # For the CPU kernel: [slots] int32, each slot's rank, 0 where it targets nothing here.
+        self.slot_ranks = torch.zeros(max_loras, dtype=torch.int32)
+        self.out_offsets = torch.tensor([0, *accumulate(out_sizes)])
+        self.kernel = (native.KernelSlots(self.a_flat, self.b_flat, self.slot_ranks,
+                                          self.out_offsets, in_features, k)
+                       if native.can_use(dtype, device) else None)
         # slot -> its (A^T [in, k], B^T [k, out]) views at the loaded rank (lora/ops.py)
         self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -55,16 +64,33 @@ class LoRAStack:
             self.weighted_slots.add(slot)
         else:
             self.weighted_slots.discard(slot)
+        self.slot_ranks[slot] = rank if modules else 0
         self.views[slot] = (a_t, b_t)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
         """out: [N, out] base result, x: [N, in]; adds each token's adapter delta in place."""
-        for groups, alpha in mapping.passes:
+        for p in mapping.passes:
+            groups = p.groups
+            if self.kernel is not None:
+                if p.narrow_rows is not None:
+                    self.kernel.add(out, x, p.narrow_rows, p.narrow_slots, p.alpha)
+                groups = p.wide_groups
             # Skip the groups whose adapters do not target this projection at all.
             groups = [g for g in groups if not self.weighted_slots.isdisjoint(g.slots)]
             if groups:
-                add_lora(out, x, groups, self.a_flat, self.b_flat, self.out_sizes, alpha,
+                add_lora(out, x, groups, self.a_flat, self.b_flat, self.out_sizes, p.alpha,
                          self.views)
+
+
+def slot_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the adapter slots for a model served in ``model_dtype``."""
+    if device.type == "cpu" and not native.can_use(model_dtype, device):
+        # Without the kernel, LoRA's thin products (k = 4..48 columns) run several times
+        # faster in float32 than in bf16 on CPU (measured without AMX: [1, 576] @ [576, 48]
+        # @ [48, 960] takes ~11 us in float32, ~80 us in bf16, as long as the base's whole
+        # packed [576, 960] product).
+        return torch.float32
+    return model_dtype
 
 
 def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list[dict[str, LoRAStack]]:
@@ -75,12 +101,7 @@ def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list
     in_sizes = {"qkv_proj": arch.hidden_size, "o_proj": arch.q_size,
                 "gate_up_proj": arch.hidden_size, "down_proj": arch.intermediate_size}
     dtype, device = model.embed_tokens.dtype, model.embed_tokens.device
-    if device.type == "cpu":
-        # LoRA's products are thin (k = 4..48 columns); on CPU they run several times
-        # faster in float32 than in bf16 (measured without AMX: [1, 576] @ [576, 48] @
-        # [48, 960] takes ~11 us in float32, ~80 us in bf16, as long as the base's whole
-        # packed [576, 960] product).
-        dtype = torch.float32
+    dtype = slot_dtype(dtype, device)
     stacks = []
     for projections in model.projections():
         layer_stacks = {}

@@ -4,26 +4,31 @@ Weights of the active adapters sit in preallocated buffers, one row per slot
 (lora/layers.py). A slot holding an adapter of rank r uses the first in * k and k * out
 elements of its rows, k = num_slices * r, viewed as
 
-    A^T: a_flat[slot, :in * k] as [in, k]; columns [i*r, (i+1)*r) hold slice i's A^T
+    A:   a_flat[slot, :k * in] as [k, in]; rows [i*r, (i+1)*r) hold slice i's A (the
+         products use its transposed view A^T [in, k])
     B^T: b_flat[slot, :k * out] as [k, out], block diagonal: rows [i*r, (i+1)*r) and the
          columns of slice i's output range hold (B_i * scaling)^T
 
 so the views are contiguous whatever the rank, an adapter of small rank reads only its own
 weights, and slots that sit next to each other form a batch of matrices without a copy.
-A fused projection (qkv: 3 slices, gate_up: 2) takes one shrink and one expand for all its
-slices: on a decode step the cost is the number of operations, not the arithmetic, and the
-zero blocks of B cost a few percent of bytes. A prefill of one adapter (``WIDE_ROWS`` rows
-or more) is bound by arithmetic instead: there each slice is expanded on its own block.
-
-The buffers may have their own dtype: on CPU they are float32 (lora/layers.py says why);
-tokens are cast to it, deltas back to the output's dtype.
 
 Per step the model runner groups the LoRA tokens by slot and the slots by rank
-(``LoRAMapping``); every projection then runs, per rank group, one shrink and one expand:
-plain matrix products when the group has one adapter (added in place when it covers the
-whole batch), batched products over padded segments when it has several. Tokens without
-an adapter are never touched. ``add_lora_reference`` is the per-token oracle the fast
-path is tested against.
+(``LoRAMapping``). Two paths compute the deltas:
+
+- On CPU with bf16 activations, the groups of fewer than ``WIDE_ROWS`` rows (decodes,
+  speculative verification) go to the kernel of lora/bgmv.c (lora/native.py): one call per
+  projection for all of them, whatever their mix of slots and ranks, reading each slot's
+  bf16 weights once per tile of tokens and skipping B's zero blocks.
+- Everything else runs on torch products, per rank group, one shrink and one expand: plain
+  matrix products when the group has one adapter (added in place when it covers the whole
+  batch), batched products over padded segments when it has several. A fused projection
+  (qkv: 3 slices, gate_up: 2) takes one shrink and one expand for all its slices; only a
+  prefill of one adapter (``WIDE_ROWS`` rows or more), bound by arithmetic, expands each
+  slice on its own block. Without the kernel the CPU slots are float32 (lora/layers.py
+  says why): tokens are cast to it, deltas back to the output's dtype.
+
+Tokens without an adapter are never touched. ``add_lora_reference`` is the per-token oracle
+both paths are tested against.
 """
 from __future__ import annotations
 
@@ -48,6 +53,22 @@ class RankGroup:
 
 
 @dataclass(slots=True)
+class LoRAPass:
+    """Deltas to add with one sign: the adapters' own (+1), or a merged one's taken out (-1).
+
+    On CPU in bf16 the groups of fewer than ``WIDE_ROWS`` rows (decodes, speculative
+    verification) go to the kernel of lora/bgmv.c in one call per projection, whatever
+    their mix of slots and ranks; wider groups (prefills) stay on torch products.
+    """
+
+    groups: list[RankGroup]  # all of them: the torch path
+    alpha: float
+    narrow_rows: torch.Tensor | None  # [n] int32: the tokens of the narrow groups, by slot
+    narrow_slots: torch.Tensor | None  # [n] int32: their slots
+    wide_groups: list[RankGroup]  # groups of WIDE_ROWS rows or more
+
+
+@dataclass(slots=True)
 class LoRAMapping:
     """Which slot each token of one step uses; built once, shared by every projection.
 
@@ -58,17 +79,14 @@ class LoRAMapping:
 
     groups: list[RankGroup]
     unmerge_groups: list[RankGroup]
-
-    @property
-    def passes(self) -> list[tuple[list[RankGroup], float]]:
-        """(groups, alpha) to apply: the adapters' deltas added, a merged one's taken out."""
-        return [(self.groups, 1.0)] + ([(self.unmerge_groups, -1.0)] if self.unmerge_groups else [])
+    passes: list[LoRAPass]
 
     @classmethod
     def build(cls, token_slots: list[int], slot_ranks: dict[int, int], device: torch.device,
               merged_slot: int = -1) -> "LoRAMapping | None":
         """token_slots: the slot of each token (-1 for none); slot_ranks: rank per slot;
         merged_slot: the slot of the adapter merged into the weights (-1 for none)."""
+        own, out = token_slots, []
         if merged_slot < 0:
             groups, unmerge_groups = _rank_groups(token_slots, slot_ranks, device), []
         else:
@@ -78,7 +96,22 @@ class LoRAMapping:
             unmerge_groups = _rank_groups(out, slot_ranks, device)
         if not groups and not unmerge_groups:
             return None
-        return cls(groups, unmerge_groups)
+        passes = [_split_pass(groups, 1.0, own, device)]
+        if unmerge_groups:
+            passes.append(_split_pass(unmerge_groups, -1.0, out, device))
+        return cls(groups, unmerge_groups, passes)
+
+
+def _split_pass(groups: list[RankGroup], alpha: float, token_slots: list[int],
+                device: torch.device) -> LoRAPass:
+    """token_slots: the slots ``groups`` were built from."""
+    wide = [g for g in groups if g.num_rows >= WIDE_ROWS]
+    rows = slots = None
+    if device.type == "cpu" and len(wide) < len(groups):  # the kernel is CPU only
+        narrow = [row for g in groups if g.num_rows < WIDE_ROWS for row in g.rows.tolist()]
+        rows = torch.tensor(narrow, dtype=torch.int32)
+        slots = torch.tensor([token_slots[row] for row in narrow], dtype=torch.int32)
+    return LoRAPass(groups, alpha, rows, slots, wide)
 
 
 def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],
@@ -172,7 +205,7 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, groups: list[RankGroup],
             num, seg = len(g.slots), g.segment_len
             padded = xs.new_zeros(num * seg, n_in)
             padded[g.pad_index] = xs.index_select(0, g.rows)
-            a = _slot_batch(a_flat, g, n_in * k).view(num, n_in, k).to(dtype)
+            a = _slot_batch(a_flat, g, k * n_in).view(num, k, n_in).transpose(1, 2).to(dtype)
             b = _slot_batch(b_flat, g, k * n_out).view(num, k, n_out).to(dtype)
             h = torch.bmm(padded.view(num, seg, n_in), a)  # [S, L, k]
             delta = torch.bmm(h, b).flatten(0, 1)[g.pad_index]  # [n, out]
@@ -189,9 +222,10 @@ def _slot_batch(flat: torch.Tensor, g: RankGroup, size: int) -> torch.Tensor:
 
 def slot_views(a_flat: torch.Tensor, b_flat: torch.Tensor, slot: int, rank: int,
                num_slices: int, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A^T [in, k] and B^T [k, out] of one slot (views; k = num_slices * rank)."""
+    """A^T [in, k] (a transposed view of the slot's A [k, in]) and B^T [k, out] of one slot
+    (views; k = num_slices * rank)."""
     k = num_slices * rank
-    return a_flat[slot, :n_in * k].view(n_in, k), b_flat[slot, :k * n_out].view(k, n_out)
+    return a_flat[slot, :k * n_in].view(k, n_in).t(), b_flat[slot, :k * n_out].view(k, n_out)
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, token_slots: list[int],

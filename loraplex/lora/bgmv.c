@@ -1,0 +1,232 @@
+/* LoRA for a few tokens at a time on CPU, each token with its own adapter slot (a BGMV:
+ * batched gather matrix-vector), in bf16 with float32 accumulation.
+ *
+ * Why a kernel: a decode step multiplies one row per sequence by thin matrices (k = 16..48
+ * columns). oneDNN takes 60-80 us per bf16 product of that size, and torch's float32
+ * path needs four operations per projection and reads the slots in float32 with the zero
+ * blocks of a fused B: three times the adapter's own bytes. This reads each slot's bf16
+ * weights once per tile of up to 4 tokens, skips B's zero blocks, and adds the delta into
+ * ``out`` in place.
+ *
+ * Layout (lora/ops.py): slot s of a projection with S slices at rank r, k = S * r:
+ *   A:   a_flat + s * a_slot_stride, [k, n_in] row-major; rows [i*r, (i+1)*r) = slice i
+ *   B^T: b_flat + s * b_slot_stride, [k, n_out] row-major; rows [i*r, (i+1)*r) are nonzero
+ *        only in slice i's columns [out_offsets[i], out_offsets[i+1])
+ * Written with GCC vector extensions (16 floats), compiled at first use with
+ * -O3 -march=native (lora/native.py): AVX-512 where the CPU has it, narrower elsewhere.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
+#define VL 16   /* floats per vector */
+#define TILE 4  /* tokens of one slot that share each weight load */
+#define ROWS 4  /* rows of A per shrink block; columns of out per expand block: ROWS * VL */
+#define PF_ROWS 8  /* the shrink prefetches A this many rows ahead: the weights come from L3 or DRAM */
+
+typedef float f32v __attribute__((vector_size(VL * 4)));
+typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
+typedef int32_t i32v __attribute__((vector_size(VL * 4)));
+typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
+
+static inline f32v load_bf16(const uint16_t *p) {
+    u16v half;
+    memcpy(&half, p, sizeof half);
+    u32v bits = __builtin_convertvector(half, u32v) << 16;
+    f32v f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline f32v load_f32(const float *p) {
+    f32v v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Round to nearest even, as torch does; NaN stays NaN. */
+static inline void store_bf16(uint16_t *p, f32v f) {
+    u32v bits;
+    memcpy(&bits, &f, sizeof bits);
+    u32v rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    u32v nan = (bits >> 16) | 0x40u;
+    u32v is_nan = (u32v)((bits & 0x7fffffffu) > 0x7f800000u);
+    u16v half = __builtin_convertvector((is_nan & nan) | (~is_nan & rounded), u16v);
+    memcpy(p, &half, sizeof half);
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint16_t out[VL];
+    f32v v = {f};
+    store_bf16(out, v);
+    return out[0];
+}
+
+/* Sum of the lanes as a tree (depth 4, not a chain of 15 dependent adds). */
+static inline float hsum(f32v v) {
+    for (int width = VL / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) v[l] += v[l + width];
+    return v[0];
+}
+
+/* h[t][j] = A[j, :] . x_t for t < T, j < k. xs: the T token rows (bf16, [n_in]);
+ * xf: the same as float32, [T, n_in]; a: [k, n_in]. Blocks of ROWS rows x T tokens keep
+ * ROWS * T independent sums in registers; missing rows of the last block read ``zero_row``.
+ * T is a constant at each call site (inlined). With AVX512-BF16, one vdpbf16ps multiplies
+ * 32 bf16 pairs straight from memory (no conversion; twice the products of an FMA). */
+static inline __attribute__((always_inline)) void shrink(
+        int T, int64_t n_in, int64_t k, const uint16_t *const *xs, const float *xf,
+        const uint16_t *a, const uint16_t *zero_row, float *h, int64_t h_stride) {
+#ifdef __AVX512BF16__
+    const int64_t n_vec = n_in / (2 * VL) * (2 * VL);
+#else
+    const int64_t n_vec = n_in / VL * VL;
+#endif
+    for (int64_t j0 = 0; j0 < k; j0 += ROWS) {
+        const uint16_t *row[ROWS];
+        for (int q = 0; q < ROWS; q++) row[q] = j0 + q < k ? a + (j0 + q) * n_in : zero_row;
+        f32v acc[TILE][ROWS] = {{{0}}};
+#ifdef __AVX512BF16__
+        for (int64_t i = 0; i < n_vec; i += 2 * VL) {
+            for (int q = 0; q < ROWS; q++) __builtin_prefetch(row[q] + PF_ROWS * n_in + i);
+            __m512bh w[ROWS];
+            for (int q = 0; q < ROWS; q++) w[q] = (__m512bh)_mm512_loadu_si512(row[q] + i);
+            for (int t = 0; t < T; t++) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[t] + i);
+                for (int q = 0; q < ROWS; q++)
+                    acc[t][q] = (f32v)_mm512_dpbf16_ps((__m512)acc[t][q], xv, w[q]);
+            }
+        }
+#else
+        for (int64_t i = 0; i < n_vec; i += VL) {
+            for (int q = 0; q < ROWS; q++) __builtin_prefetch(row[q] + PF_ROWS * n_in + i);
+            f32v w[ROWS];
+            for (int q = 0; q < ROWS; q++) w[q] = load_bf16(row[q] + i);
+            for (int t = 0; t < T; t++) {
+                const f32v xv = load_f32(xf + t * n_in + i);
+                for (int q = 0; q < ROWS; q++) acc[t][q] += xv * w[q];
+            }
+        }
+#endif
+        for (int t = 0; t < T; t++)
+            for (int q = 0; q < ROWS && j0 + q < k; q++) {
+                float s = hsum(acc[t][q]);
+                for (int64_t i = n_vec; i < n_in; i++) s += xf[t * n_in + i] * bf16_to_float(row[q][i]);
+                h[t * h_stride + j0 + q] = s;
+            }
+    }
+}
+
+/* out[t, c0:c1] += sum_{j < r} h[t][j] * bt[j, c0:c1] for t < T; bt: rows of B^T (stride
+ * n_out) of one slice, h already scaled by alpha; out rows given by ``out_rows``. */
+static inline __attribute__((always_inline)) void expand(
+        int T, int64_t r, int64_t c0, int64_t c1, int64_t n_out, const float *h,
+        int64_t h_stride, const uint16_t *bt, uint16_t *const *out_rows) {
+    int64_t c = c0;
+    for (; c + ROWS * VL <= c1; c += ROWS * VL) {
+        f32v acc[TILE][ROWS] = {{{0}}};
+        for (int64_t j = 0; j < r; j++) {
+            for (int q = 0; q < ROWS; q += 2) __builtin_prefetch(bt + (j + 2) * n_out + c + q * VL);
+            f32v w[ROWS];
+            for (int q = 0; q < ROWS; q++) w[q] = load_bf16(bt + j * n_out + c + q * VL);
+            for (int t = 0; t < T; t++) {
+                const float hj = h[t * h_stride + j];
+                for (int q = 0; q < ROWS; q++) acc[t][q] += hj * w[q];
+            }
+        }
+        for (int t = 0; t < T; t++)
+            for (int q = 0; q < ROWS; q++) {
+                uint16_t *o = out_rows[t] + c + q * VL;
+                store_bf16(o, load_bf16(o) + acc[t][q]);
+            }
+    }
+    for (; c < c1; c++)  /* columns past the last full block (sizes not a multiple of 64) */
+        for (int t = 0; t < T; t++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < r; j++) s += h[t * h_stride + j] * bf16_to_float(bt[j * n_out + c]);
+            out_rows[t][c] = float_to_bf16(bf16_to_float(out_rows[t][c]) + s);
+        }
+}
+
+/* A projection's slots: fixed while the engine runs (built once by lora/native.py). */
+struct lora_slots {
+    int64_t n_in, num_slices;
+    const int64_t *out_offsets; /* [num_slices + 1] */
+    const int32_t *slot_ranks;  /* [slots]; 0: the slot's adapter does not target this projection */
+    const uint16_t *a_flat;
+    int64_t a_slot_stride;
+    const uint16_t *b_flat;
+    int64_t b_slot_stride;
+    int64_t max_k; /* num_slices * the largest rank */
+};
+
+/* T tokens (rows[0..T)) of one slot: shrink, scale, expand slice by slice. */
+static inline __attribute__((always_inline)) void tile(
+        int T, const int32_t *rows, int64_t n_in, int64_t num_slices, const int64_t *out_offsets,
+        const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t out_stride, int64_t r,
+        const uint16_t *a, const uint16_t *bt, int64_t max_k, float alpha, float *xf,
+        float *h, const uint16_t *zero_row) {
+    const int64_t k = num_slices * r, n_out = out_offsets[num_slices];
+    uint16_t *out_rows[TILE];
+    const uint16_t *xs[TILE];
+    for (int t = 0; t < T; t++) {
+        xs[t] = x + rows[t] * x_stride;
+        for (int64_t i = 0; i < n_in; i++) xf[t * n_in + i] = bf16_to_float(xs[t][i]);
+        out_rows[t] = out + rows[t] * out_stride;
+    }
+    shrink(T, n_in, k, xs, xf, a, zero_row, h, max_k);
+    for (int t = 0; t < T; t++)
+        for (int64_t j = 0; j < k; j++) h[t * max_k + j] *= alpha;
+    for (int64_t s = 0; s < num_slices; s++)
+        expand(T, r, out_offsets[s], out_offsets[s + 1], n_out, h + s * r, max_k,
+               bt + s * r * n_out, out_rows);
+}
+
+/* out[rows[i], :] += alpha * B_s (A_s x[rows[i], :]) with s = slots[i], for i < n, skipping
+ * slots of rank 0 in w->slot_ranks. Entries with the same slot should be adjacent: runs of
+ * up to TILE share their weight loads.
+ * Returns 0, or -1 if the scratch memory could not be allocated (nothing was changed). */
+int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *rows,
+                   const int32_t *slots, const uint16_t *x, int64_t x_stride, uint16_t *out,
+                   int64_t out_stride, float alpha) {
+    const int64_t n_in = w->n_in, max_k = w->max_k;
+    float *xf = malloc(sizeof(float) * (size_t)(TILE * n_in + TILE * max_k));
+    uint16_t *zero_row = calloc((size_t)n_in, sizeof(uint16_t));
+    if (xf == NULL || zero_row == NULL) {
+        free(xf);
+        free(zero_row);
+        return -1;
+    }
+    float *h = xf + TILE * n_in; /* [TILE, max_k] */
+    for (int64_t i = 0; i < n;) {
+        const int32_t slot = slots[i];
+        int64_t run = 1;
+        while (i + run < n && run < TILE && slots[i + run] == slot) run++;
+        const int64_t r = w->slot_ranks[slot];
+        if (r > 0) {
+            const uint16_t *a = w->a_flat + slot * w->a_slot_stride;
+            const uint16_t *bt = w->b_flat + slot * w->b_slot_stride;
+            if (run == TILE)
+                tile(TILE, rows + i, n_in, w->num_slices, w->out_offsets, x, x_stride, out,
+                     out_stride, r, a, bt, max_k, alpha, xf, h, zero_row);
+            else
+                for (int64_t u = 0; u < run; u++)
+                    tile(1, rows + i + u, n_in, w->num_slices, w->out_offsets, x, x_stride, out,
+                         out_stride, r, a, bt, max_k, alpha, xf, h, zero_row);
+        }
+        i += run;
+    }
+    free(xf);
+    free(zero_row);
+    return 0;
+}

@@ -1,0 +1,128 @@
+"""The CPU LoRA kernel of lora/bgmv.c: built at first use, called through ctypes.
+
+The shared library is compiled once per machine with the system's C compiler
+(``-O3 -march=native``) into ``$LORAPLEX_HOME/native/`` under a name that hashes the
+source, the flags and the CPU's features, written atomically, so concurrent first starts
+and a changed kernel never load a stale or half-written library. Without a compiler, or
+with ``LORAPLEX_NATIVE_LORA=0``, ``kernel()`` returns None and LoRA runs on torch
+products instead (lora/ops.py); the result is the same within rounding.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from loraplex.models.registry import loraplex_home
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("bgmv.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-fno-math-errno"]
+DISABLE_ENV = "LORAPLEX_NATIVE_LORA"
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _LoRASlots(ctypes.Structure):
+    """bgmv.c's ``struct lora_slots``."""
+
+    _fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _ptr), ("slot_ranks", _ptr),
+                ("a_flat", _ptr), ("a_slot_stride", _i64), ("b_flat", _ptr),
+                ("b_slot_stride", _i64), ("max_k", _i64)]
+
+
+# lora_bgmv_bf16's parameters, in order (see bgmv.c)
+_ARGTYPES = [ctypes.POINTER(_LoRASlots), _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, ctypes.c_float]
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def kernel() -> ctypes.CFUNCTYPE | None:
+    """The compiled ``lora_bgmv_bf16``, or None where it cannot be built (logged once)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.system() == "Windows":
+        log.warning("no C compiler found: LoRA runs on torch products (slower at decode)")
+        return None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(FLAGS),
+                                    platform.machine(), _cpu_features()]).encode()).hexdigest()
+    target = loraplex_home() / "native" / f"bgmv-{key[:16]}.so"
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        # PyDLL keeps the GIL: a call lasts microseconds, less than a release and re-take.
+        fn = ctypes.PyDLL(str(target)).lora_bgmv_bf16
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning("could not build the LoRA kernel (%s): LoRA runs on torch products", detail)
+        return None
+    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return fn
+
+
+def can_use(x_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether bf16 activations on ``device`` can use the kernel (CPU only)."""
+    return device.type == "cpu" and x_dtype == torch.bfloat16 and kernel() is not None
+
+
+class KernelSlots:
+    """One projection's slot buffers as the kernel reads them. The buffers are allocated
+    once and never move, so their addresses are taken once too (a call costs ~4 us of
+    ctypes argument handling, about what the kernel itself needs for one token)."""
+
+    def __init__(self, a_flat: torch.Tensor, b_flat: torch.Tensor, slot_ranks: torch.Tensor,
+                 out_offsets: torch.Tensor, n_in: int, max_k: int) -> None:
+        """a_flat, b_flat: bf16 slots (layout in lora/ops.py); slot_ranks: [slots] int32,
+        0 where a slot's adapter does not target this projection; out_offsets:
+        [slices + 1] int64; max_k: slices * the largest rank."""
+        assert a_flat.dtype == b_flat.dtype == torch.bfloat16
+        assert slot_ranks.dtype == torch.int32 and out_offsets.dtype == torch.int64
+        self._buffers = (a_flat, b_flat, slot_ranks, out_offsets)  # keep them alive
+        self._struct = _LoRASlots(n_in, out_offsets.shape[0] - 1, out_offsets.data_ptr(),
+                                  slot_ranks.data_ptr(), a_flat.data_ptr(), a_flat.stride(0),
+                                  b_flat.data_ptr(), b_flat.stride(0), max_k)
+        self._fn = kernel()
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+            alpha: float) -> None:
+        """out[t] += alpha * B_s (A_s x[t]) for t = rows[i], s = slots[i]; in place.
+        out: [N, out] bf16, x: [N, in] bf16; rows, slots: [n] int32, equal slots adjacent."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        assert out.stride(1) == 1 and out.dtype == x.dtype == torch.bfloat16
+        if self._fn(self._struct, rows.shape[0], rows.data_ptr(), slots.data_ptr(), x.data_ptr(),
+                    x.stride(0), out.data_ptr(), out.stride(0), alpha):
+            raise MemoryError("LoRA kernel: no memory for its scratch buffer")

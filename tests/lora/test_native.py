@@ -1,0 +1,151 @@
+"""lora/bgmv.c through lora/native.py: the CPU kernel that serves bf16 decode tokens,
+against the per-token oracle, and the torch fallback when it cannot be built."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from loraplex.lora import native
+from loraplex.lora.layers import LoRAStack, slot_dtype
+from loraplex.lora.ops import WIDE_ROWS, LoRAMapping, add_lora_reference
+from tests.lora.test_ops import (CPU, IN_FEATURES, MIXES, SLICE_OUTS, SLOT_RANKS, TOLERANCE,
+                                 dense_delta, make_stack, shuffled)
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: LoRA runs on torch products only")
+
+
+def inputs(n: int, in_features: int, out_features: int, seed: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, in_features, generator=g).bfloat16(),
+            torch.randn(n, out_features, generator=g).bfloat16())
+
+
+@pytest.mark.parametrize("num_slices", [1, 3])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_kernel_equals_reference(mix: str, num_slices: int) -> None:
+    """Every mix of slots and ranks (1, 4, 8, 16; runs of one slot longer and shorter than a
+    tile of 4; in = 48, so the products' vector tails too): the kernel takes the narrow
+    groups, torch the wide ones, and the sum is the oracle's within bf16 rounding."""
+    seed = list(MIXES).index(mix) * 10 + num_slices
+    stack, weights = make_stack(SLICE_OUTS[num_slices], torch.bfloat16, seed)
+    assert stack.kernel is not None
+    token_slots = shuffled(MIXES[mix], seed)
+    x, base = inputs(len(token_slots), IN_FEATURES, stack.out_features, seed)
+    mapping = LoRAMapping.build(token_slots, SLOT_RANKS, CPU)
+    (p,) = mapping.passes
+    narrow = [t for t, s in enumerate(token_slots) if s >= 0
+              and not any(t in g.rows.tolist() for g in p.wide_groups)]
+    rows = [] if p.narrow_rows is None else p.narrow_rows.tolist()
+    assert sorted(rows) == narrow
+    if rows:
+        assert p.narrow_slots.tolist() == [token_slots[t] for t in rows]
+
+    fast = base.clone()
+    stack.apply(fast, x, mapping)
+    reference = base.clone()
+    add_lora_reference(reference, x, token_slots, SLOT_RANKS, stack.a_flat, stack.b_flat,
+                       stack.out_sizes)
+    torch.testing.assert_close(fast, reference, **TOLERANCE[torch.bfloat16])
+    truth = base.double() + dense_delta(x, token_slots, weights, stack.out_features)
+    torch.testing.assert_close(fast.double(), truth, **TOLERANCE[torch.bfloat16])
+    base_only = [t for t, s in enumerate(token_slots) if s < 0]
+    assert torch.equal(fast[base_only], base[base_only])
+
+
+def test_kernel_at_model_sizes_and_negative_alpha() -> None:
+    """Sizes of the default model's fused qkv (576 -> 576 + 192 + 192, the vector paths
+    without tails), a whole tile and a partial one, and alpha -1 (a merged adapter's
+    delta taken out) undoing alpha +1 up to rounding."""
+    outs, in_features, rank = [576, 192, 192], 576, 16
+    g = torch.Generator().manual_seed(3)
+    stack = LoRAStack(("q", "k", "v"), in_features, outs, max_loras=4, max_rank=rank,
+                      dtype=torch.bfloat16, device=CPU)
+    for slot in range(4):
+        stack.load(slot, rank, {name: (torch.randn(rank, in_features, generator=g) / 24,
+                                       torch.randn(out, rank, generator=g) / 4)
+                                for name, out in zip(stack.slice_names, outs)})
+    token_slots = [2] * 6 + [0, -1, 1]
+    x, base = inputs(len(token_slots), in_features, sum(outs), 4)
+    rows = torch.tensor([t for t, s in enumerate(token_slots) if s >= 0], dtype=torch.int32)
+    slots = torch.tensor([token_slots[t] for t in rows.tolist()], dtype=torch.int32)
+
+    out = base.clone()
+    stack.kernel.add(out, x, rows, slots, 1.0)
+    reference = base.clone()
+    add_lora_reference(reference, x, token_slots, {0: rank, 1: rank, 2: rank}, stack.a_flat,
+                       stack.b_flat, outs)
+    torch.testing.assert_close(out, reference, **TOLERANCE[torch.bfloat16])
+    assert (out.float() - base.float()).abs().amax(dim=1)[rows.long()].min() > 0.1
+
+    stack.kernel.add(out, x, rows, slots, -1.0)
+    torch.testing.assert_close(out, base, atol=0.1, rtol=0.02)
+
+
+def test_kernel_skips_slots_that_do_not_target_the_projection() -> None:
+    g = torch.Generator().manual_seed(5)
+    stack = LoRAStack(("o_proj",), 32, [64], max_loras=2, max_rank=4, dtype=torch.bfloat16,
+                      device=CPU)
+    stack.load(0, 4, {"o_proj": (torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g))})
+    stack.load(1, 4, {})  # an adapter for other projections
+    assert stack.slot_ranks.tolist() == [4, 0]
+    x, base = inputs(4, 32, 64, 6)
+    out = base.clone()
+    stack.apply(out, x, LoRAMapping.build([1, 0, 1, -1], {0: 4, 1: 4}, CPU))
+    assert torch.equal(out[[0, 2, 3]], base[[0, 2, 3]])
+    assert not torch.equal(out[1], base[1])
+
+
+def test_wide_groups_stay_on_torch_products() -> None:
+    mapping = LoRAMapping.build([0] * WIDE_ROWS + [1, -1], {0: 4, 1: 8}, CPU)
+    (p,) = mapping.passes
+    assert [g.slots for g in p.wide_groups] == [[0]]
+    assert p.narrow_rows.tolist() == [WIDE_ROWS] and p.narrow_slots.tolist() == [1]
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """kernel() built anew under a scratch LORAPLEX_HOME; the cached one restored after."""
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    native.kernel.cache_clear()
+    yield tmp_path
+    native.kernel.cache_clear()
+
+
+def test_kernel_is_built_once_into_loraplex_home(fresh_kernel) -> None:
+    assert native.kernel() is not None
+    assert slot_dtype(torch.bfloat16, CPU) == torch.bfloat16
+    assert slot_dtype(torch.float32, CPU) == torch.float32
+    (built,) = (fresh_kernel / "native").iterdir()
+    assert built.name.startswith("bgmv-") and built.suffix == ".so"
+    native.kernel.cache_clear()
+    mtime = built.stat().st_mtime_ns
+    assert native.kernel() is not None
+    assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@pytest.mark.parametrize("how", ["disabled", "compiler fails"])
+def test_without_the_kernel_lora_falls_back_to_torch(fresh_kernel, monkeypatch, caplog, how) -> None:
+    if how == "disabled":
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+    else:
+        monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    with caplog.at_level(logging.WARNING, logger="loraplex.lora.native"):
+        assert native.kernel() is None
+    assert not native.can_use(torch.bfloat16, CPU)
+    assert slot_dtype(torch.bfloat16, CPU) == torch.float32  # the fast torch path's dtype
+    if how == "compiler fails":
+        assert "could not build the LoRA kernel" in caplog.text
+        assert not any((fresh_kernel / "native").iterdir())  # no half-written library left
+    stack, weights = make_stack(SLICE_OUTS[3], torch.float32, 0)
+    assert stack.kernel is None
+    token_slots = shuffled(MIXES["every_slot_decodes"], 0)
+    x, base = inputs(len(token_slots), IN_FEATURES, stack.out_features, 0)
+    out = base.clone()
+    stack.apply(out, x, LoRAMapping.build(token_slots, SLOT_RANKS, CPU))
+    truth = base.double() + dense_delta(x, token_slots, weights, stack.out_features)
+    torch.testing.assert_close(out.double(), truth, **TOLERANCE[torch.bfloat16])
