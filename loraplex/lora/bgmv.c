@@ -168,7 +168,26 @@ struct lora_slots {
     const uint16_t *b_flat;
     int64_t b_slot_stride;
     int64_t max_k; /* num_slices * the largest rank */
+    const struct lora_slots *next; /* the projection that runs next in the model, or NULL */
 };
+
+/* Ask for ``slot``'s weights in ``w`` ahead of time (into L2): a decode step streams the
+ * whole base model through the caches between two LoRA calls, so without this every call
+ * starts from DRAM. Only the nonzero blocks of B^T are asked for. */
+static void prefetch_slot(const struct lora_slots *w, int32_t slot) {
+    const int64_t r = w->slot_ranks[slot];
+    if (r == 0) return;
+    const int64_t k = w->num_slices * r, n_out = w->out_offsets[w->num_slices];
+    const char *a = (const char *)(w->a_flat + slot * w->a_slot_stride);
+    for (int64_t byte = 0; byte < k * w->n_in * 2; byte += 64) __builtin_prefetch(a + byte, 0, 2);
+    const uint16_t *bt = w->b_flat + slot * w->b_slot_stride;
+    for (int64_t s = 0; s < w->num_slices; s++)
+        for (int64_t j = s * r; j < (s + 1) * r; j++) {
+            const char *row = (const char *)(bt + j * n_out + w->out_offsets[s]);
+            const int64_t bytes = 2 * (w->out_offsets[s + 1] - w->out_offsets[s]);
+            for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(row + byte, 0, 2);
+        }
+}
 
 /* T tokens (rows[0..T)) of one slot: shrink, scale, expand slice by slice. */
 static inline __attribute__((always_inline)) void tile(
@@ -226,6 +245,12 @@ int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *rows,
         }
         i += run;
     }
+    if (w->next != NULL) /* the same slots are likely to run there too: up to 4 of them */
+        for (int64_t i = 0, asked = 0; i < n && asked < 4; i++)
+            if (i == 0 || slots[i] != slots[i - 1]) {
+                prefetch_slot(w->next, slots[i]);
+                asked++;
+            }
     free(xf);
     free(zero_row);
     return 0;

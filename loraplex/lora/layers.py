@@ -72,8 +72,8 @@ class LoRAStack:
         for p in mapping.passes:
             groups = p.groups
             if self.kernel is not None:
-                if p.narrow_rows is not None:
-                    self.kernel.add(out, x, p.narrow_rows, p.narrow_slots, p.alpha)
+                if p.narrow is not None:
+                    self.kernel.add(out, x, p.narrow, p.alpha)
                 groups = p.wide_groups
             # Skip the groups whose adapters do not target this projection at all.
             groups = [g for g in groups if not self.weighted_slots.isdisjoint(g.slots)]
@@ -110,6 +110,9 @@ def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list
                                     max_loras, max_rank, dtype, device)
             layer_stacks[name] = linear.lora
         stacks.append(layer_stacks)
+    kernels = [s.kernel for layer in stacks for s in layer.values() if s.kernel is not None]
+    for first, then in zip(kernels, kernels[1:]):  # model order: qkv, o, gate_up, down, ...
+        first.run_before(then)
     return stacks
 
 

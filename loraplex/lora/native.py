@@ -34,11 +34,13 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 class _LoRASlots(ctypes.Structure):
-    """bgmv.c's ``struct lora_slots``."""
+    """bgmv.c's ``struct lora_slots`` (fields set below: one of them points to its kind)."""
 
-    _fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _ptr), ("slot_ranks", _ptr),
-                ("a_flat", _ptr), ("a_slot_stride", _i64), ("b_flat", _ptr),
-                ("b_slot_stride", _i64), ("max_k", _i64)]
+
+_LoRASlots._fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _ptr),
+                       ("slot_ranks", _ptr), ("a_flat", _ptr), ("a_slot_stride", _i64),
+                       ("b_flat", _ptr), ("b_slot_stride", _i64), ("max_k", _i64),
+                       ("next", ctypes.POINTER(_LoRASlots))]
 
 
 # lora_bgmv_bf16's parameters, in order (see bgmv.c)
@@ -115,14 +117,30 @@ class KernelSlots:
                                   slot_ranks.data_ptr(), a_flat.data_ptr(), a_flat.stride(0),
                                   b_flat.data_ptr(), b_flat.stride(0), max_k)
         self._fn = kernel()
+        self._next: KernelSlots | None = None
 
-    def add(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
-            alpha: float) -> None:
-        """out[t] += alpha * B_s (A_s x[t]) for t = rows[i], s = slots[i]; in place.
-        out: [N, out] bf16, x: [N, in] bf16; rows, slots: [n] int32, equal slots adjacent."""
-        if x.stride(1) != 1:
+    def run_before(self, other: "KernelSlots") -> None:
+        """``other`` is the projection the model runs after this one: each call prefetches
+        the weights of its slots there."""
+        self._next = other
+        self._struct.next = ctypes.pointer(other._struct)
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, tokens: "KernelTokens", alpha: float) -> None:
+        """out[t] += alpha * B_s (A_s x[t]) for the tokens t of ``tokens`` and their slots s;
+        in place. out: [N, out] bf16, contiguous (a fresh projection output); x: [N, in] bf16.
+        Kept to three tensor calls: on a decode step each Python-level operation costs
+        several times its usual time, as the base products between them evict the caches."""
+        if not x.is_contiguous():
             x = x.contiguous()
-        assert out.stride(1) == 1 and out.dtype == x.dtype == torch.bfloat16
-        if self._fn(self._struct, rows.shape[0], rows.data_ptr(), slots.data_ptr(), x.data_ptr(),
-                    x.stride(0), out.data_ptr(), out.stride(0), alpha):
+        if self._fn(self._struct, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
+                    self._struct.n_in, out.data_ptr(), out.shape[1], alpha):
             raise MemoryError("LoRA kernel: no memory for its scratch buffer")
+
+
+class KernelTokens:
+    """The tokens one step sends to the kernel: rows and their slots, equal slots adjacent."""
+
+    def __init__(self, rows: list[int], slots: list[int]) -> None:
+        self.rows = torch.tensor(rows, dtype=torch.int32)  # [n]
+        self.slots = torch.tensor(slots, dtype=torch.int32)  # [n]
+        self.count, self.rows_ptr, self.slots_ptr = len(rows), self.rows.data_ptr(), self.slots.data_ptr()

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.lora.native import KernelTokens
+
 
 @dataclass(slots=True)
 class RankGroup:
@@ -63,8 +65,7 @@ class LoRAPass:
 
     groups: list[RankGroup]  # all of them: the torch path
     alpha: float
-    narrow_rows: torch.Tensor | None  # [n] int32: the tokens of the narrow groups, by slot
-    narrow_slots: torch.Tensor | None  # [n] int32: their slots
+    narrow: KernelTokens | None  # the tokens of the groups under WIDE_ROWS rows, by slot
     wide_groups: list[RankGroup]  # groups of WIDE_ROWS rows or more
 
 
@@ -106,12 +107,11 @@ def _split_pass(groups: list[RankGroup], alpha: float, token_slots: list[int],
                 device: torch.device) -> LoRAPass:
     """token_slots: the slots ``groups`` were built from."""
     wide = [g for g in groups if g.num_rows >= WIDE_ROWS]
-    rows = slots = None
+    narrow = None
     if device.type == "cpu" and len(wide) < len(groups):  # the kernel is CPU only
-        narrow = [row for g in groups if g.num_rows < WIDE_ROWS for row in g.rows.tolist()]
-        rows = torch.tensor(narrow, dtype=torch.int32)
-        slots = torch.tensor([token_slots[row] for row in narrow], dtype=torch.int32)
-    return LoRAPass(groups, alpha, rows, slots, wide)
+        rows = [row for g in groups if g.num_rows < WIDE_ROWS for row in g.rows.tolist()]
+        narrow = KernelTokens(rows, [token_slots[row] for row in rows])
+    return LoRAPass(groups, alpha, narrow, wide)
 
 
 def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],

@@ -40,10 +40,10 @@ def test_kernel_equals_reference(mix: str, num_slices: int) -> None:
     (p,) = mapping.passes
     narrow = [t for t, s in enumerate(token_slots) if s >= 0
               and not any(t in g.rows.tolist() for g in p.wide_groups)]
-    rows = [] if p.narrow_rows is None else p.narrow_rows.tolist()
+    rows = [] if p.narrow is None else p.narrow.rows.tolist()
     assert sorted(rows) == narrow
     if rows:
-        assert p.narrow_slots.tolist() == [token_slots[t] for t in rows]
+        assert p.narrow.slots.tolist() == [token_slots[t] for t in rows]
 
     fast = base.clone()
     stack.apply(fast, x, mapping)
@@ -71,18 +71,18 @@ def test_kernel_at_model_sizes_and_negative_alpha() -> None:
                                 for name, out in zip(stack.slice_names, outs)})
     token_slots = [2] * 6 + [0, -1, 1]
     x, base = inputs(len(token_slots), in_features, sum(outs), 4)
-    rows = torch.tensor([t for t, s in enumerate(token_slots) if s >= 0], dtype=torch.int32)
-    slots = torch.tensor([token_slots[t] for t in rows.tolist()], dtype=torch.int32)
+    rows = [t for t, s in enumerate(token_slots) if s >= 0]
+    tokens = native.KernelTokens(rows, [token_slots[t] for t in rows])
 
     out = base.clone()
-    stack.kernel.add(out, x, rows, slots, 1.0)
+    stack.kernel.add(out, x, tokens, 1.0)
     reference = base.clone()
     add_lora_reference(reference, x, token_slots, {0: rank, 1: rank, 2: rank}, stack.a_flat,
                        stack.b_flat, outs)
     torch.testing.assert_close(out, reference, **TOLERANCE[torch.bfloat16])
-    assert (out.float() - base.float()).abs().amax(dim=1)[rows.long()].min() > 0.1
+    assert (out.float() - base.float()).abs().amax(dim=1)[rows].min() > 0.1
 
-    stack.kernel.add(out, x, rows, slots, -1.0)
+    stack.kernel.add(out, x, tokens, -1.0)
     torch.testing.assert_close(out, base, atol=0.1, rtol=0.02)
 
 
@@ -104,7 +104,7 @@ def test_wide_groups_stay_on_torch_products() -> None:
     mapping = LoRAMapping.build([0] * WIDE_ROWS + [1, -1], {0: 4, 1: 8}, CPU)
     (p,) = mapping.passes
     assert [g.slots for g in p.wide_groups] == [[0]]
-    assert p.narrow_rows.tolist() == [WIDE_ROWS] and p.narrow_slots.tolist() == [1]
+    assert p.narrow.rows.tolist() == [WIDE_ROWS] and p.narrow.slots.tolist() == [1]
 
 
 @pytest.fixture
