@@ -396,6 +396,32 @@ def record_steps(engine: Any):
             del engine.step
 
 
+def pure_decode_steps(steps: Sequence[tuple[float, list]], num_requests: int
+                      ) -> tuple[list[tuple[int, int, float]], float]:
+    """The pure decode steps of a ``record_steps`` recording (see ``pure_decode_rate``):
+    (index in ``steps``, tokens, seconds) of each step that produced tokens, and the time
+    of the step before the first of them (nan, [] if there is none)."""
+    seen: set[str] = set()
+    lengths: dict[str, int] = {}  # request -> generated tokens as of the last step seen
+    for k, (t, outs) in enumerate(steps):
+        for o in outs:
+            seen.add(o.request_id)
+            lengths[o.request_id] = len(o.token_ids)
+        if len(seen) >= num_requests:
+            found, prev = [], t
+            for i, (tt, o) in enumerate(steps[k + 1:], start=k + 1):
+                n = 0
+                for x in o:
+                    if x.error is None:
+                        n += len(x.token_ids) - lengths.get(x.request_id, 0)
+                    lengths[x.request_id] = len(x.token_ids)
+                if n:
+                    found.append((i, n, tt - prev))
+                prev = tt
+            return found, t
+    return [], float("nan")
+
+
 def pure_decode_rate(steps: Sequence[tuple[float, list]], num_requests: int) -> dict[str, float]:
     """Decode throughput over the pure decode steps of a ``record_steps`` recording: the
     steps after the one in which the last of ``num_requests`` requests got its first token
@@ -407,30 +433,14 @@ def pure_decode_rate(steps: Sequence[tuple[float, list]], num_requests: int) -> 
     Also ``tokens``, ``seconds``, ``steps``; nan rates if no step is left. A step's tokens
     are counted from each output's growth, so a speculative step that appends several
     tokens to a request counts them all."""
-    seen: set[str] = set()
-    lengths: dict[str, int] = {}  # request -> generated tokens as of the last step seen
-    for k, (t, outs) in enumerate(steps):
-        for o in outs:
-            seen.add(o.request_id)
-            lengths[o.request_id] = len(o.token_ids)
-        if len(seen) >= num_requests:
-            rates, tokens, prev = [], 0, t
-            for tt, o in steps[k + 1:]:
-                n = 0
-                for x in o:
-                    if x.error is None:
-                        n += len(x.token_ids) - lengths.get(x.request_id, 0)
-                    lengths[x.request_id] = len(x.token_ids)
-                if n:
-                    rates.append(n / (tt - prev))
-                    tokens += n
-                prev = tt
-            seconds = prev - t
-            return {"tok_s": tokens / seconds if rates else float("nan"),
-                    "median_tok_s": statistics.median(rates) if rates else float("nan"),
-                    "tokens": tokens, "seconds": seconds, "steps": len(rates)}
-    nan = float("nan")
-    return {"tok_s": nan, "median_tok_s": nan, "tokens": 0, "seconds": nan, "steps": 0}
+    found, start = pure_decode_steps(steps, num_requests)
+    if not found:
+        nan = float("nan")
+        return {"tok_s": nan, "median_tok_s": nan, "tokens": 0, "seconds": nan, "steps": 0}
+    tokens = sum(n for _, n, _ in found)
+    seconds = steps[-1][0] - start
+    return {"tok_s": tokens / seconds, "median_tok_s": statistics.median(n / s for _, n, s in found),
+            "tokens": tokens, "seconds": seconds, "steps": len(found)}
 
 
 def median_step_rate(times: Sequence[float], tokens_per_step: int) -> float:

@@ -54,12 +54,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CpuMeter, fmt_list, machine_lines, median_ratio, pure_decode_rate,  # noqa: E402
-                    record_steps, verdict)
+                    pure_decode_steps, record_steps, verdict)
 
 TARGET_B1 = 1.5  # adapter + trained draft / base, decode tok/s at batch 1, at least
 TARGET_BATCH = 1.0  # speculation on / off at concurrency 8 and 32, at least ...
 BATCH_TIE = 0.02  # ... less this: closer to 1 than that is a tie at this machine's resolution
 BATCH_ROUNDS = {8: 2, 32: 1}  # pairs per batch figure, in units of --repeats
+ALTERNATE = "alternate"  # an arm whose engine speculates on every other step only
 DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 
 
@@ -119,8 +120,10 @@ def main() -> int:
         draft = work / "draft"
     say(f"draft: {draft}")
 
+    # No prefix cache: the on and off arms of one engine run the same prompts in a round,
+    # and the second would find the first's prefill cached.
     options = dict(dtype="bfloat16", kv_cache_gib=0.5, max_num_seqs=64, num_threads=args.threads,
-                   max_lora_rank=64)
+                   max_lora_rank=64, enable_prefix_caching=False)
     lora = LoRARequest("task", str(adapter))
     engines = {
         "base": LLM(str(model_path), **options),
@@ -134,7 +137,9 @@ def main() -> int:
             "adapter merged": ("merged", None, True),
             "adapter+ngram": ("ngram", lora, True), "adapter+draft": ("draft", lora, True),
             "ngram engine, spec off": ("ngram", lora, False),
-            "draft engine, spec off": ("draft", lora, False)}
+            "draft engine, spec off": ("draft", lora, False),
+            "ngram engine, alternating": ("ngram", lora, ALTERNATE),
+            "draft engine, alternating": ("draft", lora, ALTERNATE)}
     b1_arms = ["base", "adapter", "adapter merged", "adapter+ngram", "adapter+draft"]
 
     def chat(texts: list[str]) -> list[list[int]]:
@@ -145,6 +150,15 @@ def main() -> int:
         engine_name, request, spec_on = arms[arm]
         llm = engines[engine_name]
         spec = llm.engine.spec if spec_on else None
+        on_steps: list[bool] = []  # ALTERNATE: whether each step ran with speculation
+        if spec_on == ALTERNATE:
+            plain_step = llm.engine.step
+
+            def alternating_step(engine=llm.engine, spec=spec):
+                on_steps.append(len(on_steps) % 2 == 0)
+                engine.spec = spec if on_steps[-1] else None
+                return plain_step()
+            llm.engine.step = alternating_step  # record_steps below times this
         before = {k: (s.num_steps, s.num_draft_tokens, s.num_accepted_tokens)
                   for k, s in (spec.stats.items() if spec else [])}
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -167,6 +181,8 @@ def main() -> int:
             llm.engine.spec = detached
             if spec is not None:
                 del spec.propose
+            if spec_on == ALTERNATE:
+                del llm.engine.step
         assert all(o.error is None and len(o.token_ids) > 1 for o in outs)
         result = {"tok_s": sum(len(o.token_ids) for o in outs) / wall,
                   "step_tok_s": pure_decode_rate(steps, len(prompts))["median_tok_s"],
@@ -174,6 +190,12 @@ def main() -> int:
                   "tokens": statistics.median(len(o.token_ids) for o in outs),
                   "decode_tok_s": statistics.median((len(o.token_ids) - 1) / o.metrics.decode_s
                                                     for o in outs)}
+        if on_steps:  # adjacent steps on and off: the machine's drift cancels
+            found, _ = pure_decode_steps(steps, len(prompts))
+            on = [n / t for i, n, t in found if on_steps[i]]
+            off = [n / t for i, n, t in found if not on_steps[i]]
+            result["alternating"] = (statistics.median(on) / statistics.median(off)
+                                     if on and off else float("nan"))
         if spec and "task" in spec.stats:
             s, b = spec.stats["task"], before.get("task", (0, 0, 0))
             steps, drafts, accepted = (s.num_steps - b[0], s.num_draft_tokens - b[1],
@@ -212,17 +234,22 @@ def main() -> int:
 
     # spec arm -> the same engine with its speculation detached
     batch_pairs = {"adapter+ngram": "ngram engine, spec off", "adapter+draft": "draft engine, spec off"}
-    batch_ratios = {}
+    batch_ratios, alternating = {}, {}
     for c in (8, 32):
         say(f"\n2. concurrency {c}: output tok/s, speculation on / off in the same engine")
-        res = rounds(c, [n for pair in batch_pairs.items() for n in pair], repeats * BATCH_ROUNDS[c])
+        names = [n for pair in batch_pairs.items() for n in pair]
+        names += ["ngram engine, alternating", "draft engine, alternating"]
+        res = rounds(c, names, repeats * BATCH_ROUNDS[c])
         for a, b in batch_pairs.items():
             batch_ratios[(c, a)] = ratio(res, a, b, "step_tok_s")
+            alt = f"{arms[a][0]} engine, alternating"
+            alternating[(c, a)] = statistics.median(x["alternating"] for x in res[alt])
             say(f"  {a} / {b}: {batch_ratios[(c, a)]:.3f}x median step rate (pairs "
                 f"{fmt_list([x['step_tok_s'] / y['step_tok_s'] for x, y in zip(res[a], res[b])])}"
                 f"); whole call {ratio(res, a, b, 'tok_s'):.3f}x"
                 f"; speculation hook {100 * statistics.median(x['hook_share'] for x in res[a]):.2f}% "
-                f"of the call")
+                f"of the call; alternating steps on / off {alternating[(c, a)]:.3f}x (runs "
+                f"{fmt_list([x['alternating'] for x in res[alt]])})")
 
     draft_b1 = b1_ratios["adapter+draft"]
     batch_ok = all(v >= TARGET_BATCH - BATCH_TIE for v in batch_ratios.values())
@@ -235,7 +262,9 @@ def main() -> int:
         f"tok/step; target {TARGET_B1}x {verdict(draft_b1 >= TARGET_B1)}) | spec on/off c8 ngram/draft "
         f"{batch_ratios[(8, 'adapter+ngram')]:.2f}/{batch_ratios[(8, 'adapter+draft')]:.2f}x, "
         f"c32 {batch_ratios[(32, 'adapter+ngram')]:.2f}/{batch_ratios[(32, 'adapter+draft')]:.2f}x "
-        f"(target >= {TARGET_BATCH}, ties within {BATCH_TIE} {verdict(batch_ok)}) "
+        f"(target >= {TARGET_BATCH}, ties within {BATCH_TIE} {verdict(batch_ok)}; alternating "
+        f"steps c8 {alternating[(8, 'adapter+ngram')]:.3f}/{alternating[(8, 'adapter+draft')]:.3f}x, "
+        f"c32 {alternating[(32, 'adapter+ngram')]:.3f}/{alternating[(32, 'adapter+draft')]:.3f}x) "
         f"| adapter {adapter.name}, task "
         f"{args.task}{' | QUICK, not a measurement' if args.quick else ''}")
     return 0
