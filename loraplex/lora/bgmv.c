@@ -29,7 +29,6 @@
 
 typedef float f32v __attribute__((vector_size(VL * 4)));
 typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
-typedef int32_t i32v __attribute__((vector_size(VL * 4)));
 typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
 
 static inline f32v load_bf16(const uint16_t *p) {

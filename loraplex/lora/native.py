@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _build(compiler: str, target: Path) -> None:
 
 
 @cache
-def kernel() -> ctypes.CFUNCTYPE | None:
+def kernel() -> Callable[..., int] | None:
     """The compiled ``lora_bgmv_bf16``, or None where it cannot be built (logged once)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
@@ -128,10 +129,12 @@ class KernelSlots:
     def add(self, out: torch.Tensor, x: torch.Tensor, tokens: "KernelTokens", alpha: float) -> None:
         """out[t] += alpha * B_s (A_s x[t]) for the tokens t of ``tokens`` and their slots s;
         in place. out: [N, out] bf16, contiguous (a fresh projection output); x: [N, in] bf16.
-        Kept to three tensor calls: on a decode step each Python-level operation costs
+        Kept to a few tensor calls: on a decode step each Python-level operation costs
         several times its usual time, as the base products between them evict the caches."""
         if not x.is_contiguous():
             x = x.contiguous()
+        if not out.is_contiguous():
+            raise ValueError("LoRA kernel: the output must be contiguous (it is added in place)")
         if self._fn(self._struct, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
                     self._struct.n_in, out.data_ptr(), out.shape[1], alpha):
             raise MemoryError("LoRA kernel: no memory for its scratch buffer")

@@ -56,12 +56,8 @@ class RankGroup:
 
 @dataclass(slots=True)
 class LoRAPass:
-    """Deltas to add with one sign: the adapters' own (+1), or a merged one's taken out (-1).
-
-    On CPU in bf16 the groups of fewer than ``WIDE_ROWS`` rows (decodes, speculative
-    verification) go to the kernel of lora/bgmv.c in one call per projection, whatever
-    their mix of slots and ranks; wider groups (prefills) stay on torch products.
-    """
+    """Deltas to add with one sign: the adapters' own (+1), or a merged one's taken out
+    (-1), split between the kernel and torch products as the module docstring says."""
 
     groups: list[RankGroup]  # all of them: the torch path
     alpha: float

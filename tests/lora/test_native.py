@@ -128,6 +128,15 @@ def test_kernel_is_built_once_into_loraplex_home(fresh_kernel) -> None:
     assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
 
 
+def test_portable_build_equals_reference(fresh_kernel, monkeypatch) -> None:
+    """The kernel built without AVX512-BF16 (plain vector code, as on CPUs without it)."""
+    if "avx512_bf16" not in native._cpu_features():
+        pytest.skip("this CPU runs the portable path already (the tests above)")
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512bf16"])
+    test_kernel_equals_reference("all_of_it", 3)
+    test_kernel_at_model_sizes_and_negative_alpha()
+
+
 @pytest.mark.parametrize("how", ["disabled", "compiler fails"])
 def test_without_the_kernel_lora_falls_back_to_torch(fresh_kernel, monkeypatch, caplog, how) -> None:
     if how == "disabled":
