@@ -14,10 +14,13 @@ training ends, the adapter is written and the checkpoint deleted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import tempfile
 import time
 from collections.abc import Callable
@@ -95,6 +98,28 @@ def learning_rate(peak: float, step: int, total_steps: int) -> float:
     return peak * (total_steps - step) / max(1, total_steps - warmup)
 
 
+@contextlib.contextmanager
+def _ctrl_c_between_steps():
+    """Yields a function that says whether Ctrl-C was pressed. A first SIGINT only sets it,
+    and the loop stops after the step it is in: a KeyboardInterrupt raised at an arbitrary
+    point can land in a finalizer, where Python prints and drops it, and training would go
+    on. A second SIGINT interrupts at once. Outside the main thread, nothing is installed."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed.is_set
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        pressed.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def finetune(config: FinetuneConfig, on_step: Callable[[int, float], None] | None = None,
              show_progress: bool = True) -> FinetuneResult:
     """Train, resuming ``config.out``'s checkpoint if it has one; ``on_step(step, loss)``
@@ -147,43 +172,46 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, float], None] | Non
     progress = tqdm(total=total_steps, initial=step, unit="step", desc="finetune",
                     disable=not show_progress, dynamic_ncols=True)
     num_tokens, seconds, epoch_losses = 0, 0.0, []
-    try:
-        while step < total_steps:
-            epoch, first = divmod(step, steps_per_epoch)
-            batches = make_batches(train_examples, config.batch_size, config.seed, epoch)
-            for batch in batches[first:]:
-                if step >= total_steps:
-                    break
-                started = time.perf_counter()
-                mean_loss, batch_tokens = train_step(
-                    model, optimizer, collate(batch, pad_token_id),
-                    learning_rate(config.lr, step, total_steps))
-                step += 1
-                seconds += time.perf_counter() - started
-                num_tokens += batch_tokens
-                epoch_losses.append(mean_loss)
-                progress.update(1)
-                progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}",
-                                     tok_s=f"{num_tokens / seconds:.0f}", refresh=False)
-                is_epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                if is_epoch_end and eval_examples:
-                    loss_now = eval_loss(model, eval_examples, config.batch_size, pad_token_id)
-                    history.append({"step": step, "epoch": math.ceil(step / steps_per_epoch),
-                                    "eval_loss": loss_now})
-                    progress.write(f"epoch {history[-1]['epoch']} (step {step}): train loss "
-                                   f"{sum(epoch_losses) / len(epoch_losses):.4f}, "
-                                   f"eval loss {loss_now:.4f}")
-                if is_epoch_end or step % config.save_every == 0:
-                    checkpoint()
-                if on_step is not None:
-                    on_step(step, epoch_losses[-1])
-                if is_epoch_end and step < total_steps:
-                    epoch_losses = []
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"\nloraplex: interrupted at step {step}; the last checkpoint in {out} is intact: "
-              f"run the same command again to resume", file=sys.stderr)
-        raise
+    with _ctrl_c_between_steps() as ctrl_c_pressed:
+        try:
+            while step < total_steps:
+                epoch, first = divmod(step, steps_per_epoch)
+                batches = make_batches(train_examples, config.batch_size, config.seed, epoch)
+                for batch in batches[first:]:
+                    if step >= total_steps:
+                        break
+                    started = time.perf_counter()
+                    mean_loss, batch_tokens = train_step(
+                        model, optimizer, collate(batch, pad_token_id),
+                        learning_rate(config.lr, step, total_steps))
+                    step += 1
+                    seconds += time.perf_counter() - started
+                    num_tokens += batch_tokens
+                    epoch_losses.append(mean_loss)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}",
+                                         tok_s=f"{num_tokens / seconds:.0f}", refresh=False)
+                    is_epoch_end = step % steps_per_epoch == 0 or step == total_steps
+                    if is_epoch_end and eval_examples:
+                        loss_now = eval_loss(model, eval_examples, config.batch_size, pad_token_id)
+                        history.append({"step": step, "epoch": math.ceil(step / steps_per_epoch),
+                                        "eval_loss": loss_now})
+                        progress.write(f"epoch {history[-1]['epoch']} (step {step}): train loss "
+                                       f"{sum(epoch_losses) / len(epoch_losses):.4f}, "
+                                       f"eval loss {loss_now:.4f}")
+                    if is_epoch_end or step % config.save_every == 0:
+                        checkpoint()
+                    if on_step is not None:
+                        on_step(step, epoch_losses[-1])
+                    if ctrl_c_pressed():
+                        raise KeyboardInterrupt
+                    if is_epoch_end and step < total_steps:
+                        epoch_losses = []
+        except KeyboardInterrupt:
+            progress.close()
+            print(f"\nloraplex: interrupted at step {step}; the last checkpoint in {out} is intact: "
+                  f"run the same command again to resume", file=sys.stderr)
+            raise
     progress.close()
     _write_adapter(model, config, out)
     tokens_per_second = num_tokens / seconds if seconds else 0.0
