@@ -400,7 +400,7 @@ def pure_decode_steps(steps: Sequence[tuple[float, list]], num_requests: int
                       ) -> tuple[list[tuple[int, int, float]], float]:
     """The pure decode steps of a ``record_steps`` recording (see ``pure_decode_rate``):
     (index in ``steps``, tokens, seconds) of each step that produced tokens, and the time
-    of the step before the first of them (nan, [] if there is none)."""
+    of the step before the first of them; ([], nan) if there is none."""
     seen: set[str] = set()
     lengths: dict[str, int] = {}  # request -> generated tokens as of the last step seen
     for k, (t, outs) in enumerate(steps):

@@ -202,10 +202,10 @@ def main() -> int:
                                      if on and off else float("nan"))
         if spec and "task" in spec.stats:
             s, b = spec.stats["task"], before.get("task", (0, 0, 0))
-            steps, drafts, accepted = (s.num_steps - b[0], s.num_draft_tokens - b[1],
-                                       s.num_accepted_tokens - b[2])
+            verified, drafts, accepted = (s.num_steps - b[0], s.num_draft_tokens - b[1],
+                                          s.num_accepted_tokens - b[2])
             result["acceptance"] = accepted / drafts if drafts else float("nan")
-            result["tokens_per_step"] = 1 + accepted / steps if steps else float("nan")
+            result["tokens_per_step"] = 1 + accepted / verified if verified else float("nan")
         return result
 
     def rounds(concurrency: int, names: list[str], num_rounds: int) -> dict[str, list[dict]]:

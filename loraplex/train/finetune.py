@@ -20,8 +20,8 @@ import json
 import math
 import signal
 import sys
-import threading
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
