@@ -74,6 +74,8 @@ class LoRAStack:
             if self.kernel is not None:
                 if p.narrow is not None:
                     self.kernel.add(out, x, p.narrow, p.alpha)
+                if not p.wide_groups:  # a decode step: nothing else to do, nothing to build
+                    continue
                 groups = p.wide_groups
             # Skip the groups whose adapters do not target this projection at all.
             groups = [g for g in groups if not self.weighted_slots.isdisjoint(g.slots)]

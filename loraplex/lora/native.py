@@ -1,21 +1,26 @@
-"""The CPU LoRA kernel of lora/bgmv.c: built at first use, called through ctypes.
+"""The CPU LoRA kernel of lora/bgmv.c: built at first use as a CPython extension module.
 
-The shared library is compiled once per machine with the system's C compiler
-(``-O3 -march=native``) into ``$LORAPLEX_HOME/native/`` under a name that hashes the
-source, the flags and the CPU's features, written atomically, so concurrent first starts
-and a changed kernel never load a stale or half-written library. Without a compiler, or
-with ``LORAPLEX_NATIVE_LORA=0``, ``kernel()`` returns None and LoRA runs on torch
-products instead (lora/ops.py); the result is the same within rounding.
+The module is compiled once per machine with the system's C compiler (``-O3
+-march=native``, against this Python's headers) into ``$LORAPLEX_HOME/native/`` under a
+name that hashes the source, the flags, the Python ABI and the CPU's features, written
+atomically, so concurrent first starts and a changed kernel never load a stale or
+half-written library. Without a compiler or Python's headers, or with
+``LORAPLEX_NATIVE_LORA=0``, ``kernel()`` returns None and LoRA runs on torch products
+instead (lora/ops.py); the result is the same within rounding. The slot descriptions the
+kernel reads are ctypes structures, built once; only their addresses cross each call.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Callable
 from functools import cache
@@ -28,7 +33,10 @@ from loraplex.models.registry import loraplex_home
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-fno-math-errno"]
+# -fopenmp: the kernel shares a step's tokens among the OpenMP threads torch already runs
+# (libgomp.so.1, loaded by torch first, so one runtime and one thread pool serve both).
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-fno-math-errno",
+         "-fopenmp"]
 DISABLE_ENV = "LORAPLEX_NATIVE_LORA"
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -41,11 +49,9 @@ class _LoRASlots(ctypes.Structure):
 _LoRASlots._fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _ptr),
                        ("slot_ranks", _ptr), ("a_flat", _ptr), ("a_slot_stride", _i64),
                        ("b_flat", _ptr), ("b_slot_stride", _i64), ("max_k", _i64),
-                       ("next", ctypes.POINTER(_LoRASlots))]
+                       ("next", ctypes.POINTER(_LoRASlots)), ("num_threads", _i64)]
 
-
-# lora_bgmv_bf16's parameters, in order (see bgmv.c)
-_ARGTYPES = [ctypes.POINTER(_LoRASlots), _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, ctypes.c_float]
+MODULE_NAME = "_loraplex_bgmv"  # bgmv.c's PyInit__loraplex_bgmv
 
 
 def _cpu_features() -> str:
@@ -63,7 +69,8 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True,
+        include = sysconfig.get_paths()["include"]
+        subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     finally:
@@ -73,7 +80,7 @@ def _build(compiler: str, target: Path) -> None:
 
 @cache
 def kernel() -> Callable[..., int] | None:
-    """The compiled ``lora_bgmv_bf16``, or None where it cannot be built (logged once)."""
+    """bgmv.c's ``add``, or None where it cannot be built (logged once)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -81,19 +88,23 @@ def kernel() -> Callable[..., int] | None:
         log.warning("no C compiler found: LoRA runs on torch products (slower at decode)")
         return None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(FLAGS),
+                                    sysconfig.get_config_var("EXT_SUFFIX") or "", sys.version,
                                     platform.machine(), _cpu_features()]).encode()).hexdigest()
     target = loraplex_home() / "native" / f"bgmv-{key[:16]}.so"
     try:
         if not target.is_file():
             _build(compiler, target)
-        # PyDLL keeps the GIL: a call lasts microseconds, less than a release and re-take.
-        fn = ctypes.PyDLL(str(target)).lora_bgmv_bf16
-    except (OSError, subprocess.SubprocessError) as e:
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, target)
+        if spec is None or spec.loader is None:
+            raise OSError(f"{target} is not loadable as an extension module")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (OSError, ImportError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
         log.warning("could not build the LoRA kernel (%s): LoRA runs on torch products", detail)
         return None
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
+    # The call keeps the GIL: it lasts microseconds, less than a release and re-take.
+    return module.add
 
 
 def can_use(x_dtype: torch.dtype, device: torch.device) -> bool:
@@ -103,8 +114,8 @@ def can_use(x_dtype: torch.dtype, device: torch.device) -> bool:
 
 class KernelSlots:
     """One projection's slot buffers as the kernel reads them. The buffers are allocated
-    once and never move, so their addresses are taken once too (a call costs ~4 us of
-    ctypes argument handling, about what the kernel itself needs for one token)."""
+    once and never move, so their addresses are taken once too, into one structure whose
+    address is all a call passes."""
 
     def __init__(self, a_flat: torch.Tensor, b_flat: torch.Tensor, slot_ranks: torch.Tensor,
                  out_offsets: torch.Tensor, n_in: int, max_k: int) -> None:
@@ -116,7 +127,9 @@ class KernelSlots:
         self._buffers = (a_flat, b_flat, slot_ranks, out_offsets)  # keep them alive
         self._struct = _LoRASlots(n_in, out_offsets.shape[0] - 1, out_offsets.data_ptr(),
                                   slot_ranks.data_ptr(), a_flat.data_ptr(), a_flat.stride(0),
-                                  b_flat.data_ptr(), b_flat.stride(0), max_k)
+                                  b_flat.data_ptr(), b_flat.stride(0), max_k, None,
+                                  torch.get_num_threads())
+        self._address = ctypes.addressof(self._struct)
         self._fn = kernel()
         self._next: KernelSlots | None = None
 
@@ -130,14 +143,14 @@ class KernelSlots:
         """out[t] += alpha * B_s (A_s x[t]) for the tokens t of ``tokens`` and their slots s;
         in place. out: [N, out] bf16, contiguous (a fresh projection output); x: [N, in] bf16.
         Kept to a few tensor calls: on a decode step each Python-level operation costs
-        several times its usual time, as the base products between them evict the caches."""
+        several times its usual time, as the base products between them evict the caches.
+        Raises MemoryError if the kernel's scratch memory cannot grow."""
         if not x.is_contiguous():
             x = x.contiguous()
         if not out.is_contiguous():
             raise ValueError("LoRA kernel: the output must be contiguous (it is added in place)")
-        if self._fn(self._struct, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
-                    self._struct.n_in, out.data_ptr(), out.shape[1], alpha):
-            raise MemoryError("LoRA kernel: no memory for its scratch buffer")
+        self._fn(self._address, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
+                 x.shape[1], out.data_ptr(), out.shape[1], alpha)
 
 
 class KernelTokens:
