@@ -8,15 +8,18 @@ serve is refused here, at load, with the path, the field and the value.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from blake3 import blake3
 
@@ -35,6 +38,14 @@ _UNSUPPORTED_FIELDS = ("use_dora", "modules_to_save", "lora_bias", "target_param
 # PEFT's save_pretrained strips the adapter name: ...q_proj.lora_A.weight, never .default.
 _TENSOR_RE = re.compile(
     r"^base_model\.model\.(model\.layers\.(\d+)\.(\w+)\.(\w+))\.lora_([AB])\.weight$")
+
+
+# A weights file is read on _READER and hashed on _HASHER, chunk by chunk as it arrives,
+# while the loading thread parses and validates its header (reads and BLAKE3 release the
+# GIL); one worker each keeps the chunks in order.
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-read")
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-hash")
+_READ_CHUNK = 4 << 20  # bytes
 
 
 class AdapterError(ValueError):
@@ -79,7 +90,13 @@ def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
 
 
 def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
-                 name: str | None = None) -> LoRAAdapter:
+                 name: str | None = None,
+                 buffer_for: Callable[[int], bytearray | memoryview] = bytearray) -> LoRAAdapter:
+    """Read, validate and hash a PEFT folder. The weights file is read once into a private
+    buffer, ``buffer_for(file size)``, that the returned tensors view (float32 files: no
+    copy); each lora_B is scaled in place there, after the hash of the file's bytes is
+    taken. Only the values wait for the read to finish: names, shapes and ranks are
+    checked while it runs."""
     folder = Path(path)
 
     def fail(field: str, value: Any, why: str) -> AdapterError:
@@ -87,11 +104,11 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
 
     config_bytes, config = _read_config(folder, fail)
     _check_fields(config, fail)
-    weights_bytes = _read_weights_bytes(folder, fail)
+    weights_bytes, reading = _start_reading(folder, config_bytes, buffer_for, fail)
     base_keys = {f"model.layers.{i}.{block}.{m}": (i, m)
                  for i in range(arch.num_layers) for m, block in _BLOCK.items()}
     targeted = _targeted_keys(config, base_keys, arch, fail)
-    tensors = _parse_safetensors(weights_bytes, fail)
+    tensors, float32_data = _parse_safetensors(weights_bytes, fail)
     pairs = _pair_tensors(tensors, arch, fail)
     untargeted, missing = sorted(set(pairs) - targeted), sorted(targeted - set(pairs))
     if untargeted:
@@ -102,7 +119,7 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
 
     use_rslora = bool(config.get("use_rslora", False))
     rank_pattern, alpha_pattern = config.get("rank_pattern", {}), config.get("alpha_pattern", {})
-    modules: dict[tuple[int, str], LoRAModuleWeights] = {}
+    scaled: list[tuple[tuple[int, str], torch.Tensor, torch.Tensor, int, float]] = []
     for key, (a, b) in sorted(pairs.items(), key=lambda item: base_keys[item[0]]):
         layer, module = base_keys[key]
         r_key, alpha_key = pattern_key(rank_pattern, key), pattern_key(alpha_pattern, key)
@@ -125,15 +142,20 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
         if a.shape[0] != r:
             raise fail(r_field, r, f"disagrees with the rank {a.shape[0]} of the {key} tensors")
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        modules[(layer, module)] = LoRAModuleWeights(a=a, b=b * scaling, rank=r, scaling=scaling)
+        scaled.append(((layer, module), a, b, r, scaling))
 
-    digest = blake3()  # cryptographic (tenants must not forge another's identity), ~3x sha256
-    for data in (config_bytes, weights_bytes):  # length-prefixed: the boundary is unambiguous
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+    content_hash = reading.result()  # every byte is in
+    _check_finite(tensors, float32_data, fail)
+    digest = content_hash.result()  # before B changes the bytes it reads
+    f32 = torch.float32  # a float32 tensor stays a view into the buffer
+    modules = {key: LoRAModuleWeights(a=a.to(f32), b=b.to(f32).mul_(scaling), rank=r, scaling=scaling)
+               for key, a, b, r, scaling in scaled}
     num_bytes = sum(t.numel() * t.element_size() for w in modules.values() for t in (w.a, w.b))
-    return LoRAAdapter(name or folder.name, folder, digest.hexdigest(),
+    return LoRAAdapter(name or folder.name, folder, digest,
                        max(w.rank for w in modules.values()), modules, num_bytes)
+
+
+
 
 
 def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
@@ -150,14 +172,39 @@ def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
     return data, config
 
 
-def _read_weights_bytes(folder: Path, fail: Fail) -> bytearray:
+def _start_reading(folder: Path, config_bytes: bytes,
+                   buffer_for: Callable[[int], bytearray | memoryview], fail: Fail
+                   ) -> tuple[bytearray | memoryview, Future[Future[str]]]:
+    """The weights file's buffer, with its safetensors header read already, and the read of
+    the rest, running on ``_READER``: its result is the content hash over the config and
+    the file, computed on ``_HASHER`` (one read serves both the hash and the tensors)."""
     file = folder / WEIGHTS_FILE
     if file.is_file():
-        with open(file, "rb") as f:  # one read serves both the hash and the tensors
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            if f.readinto(data) != len(data):
-                raise fail(WEIGHTS_FILE, str(file), "changed while it was read")
-        return data
+        f = open(file, "rb", buffering=0)
+        try:
+            data = buffer_for(os.fstat(f.fileno()).st_size)
+            view = memoryview(data)
+            digest = blake3()  # cryptographic (tenants must not forge another's identity), ~3x sha256
+            # Length-prefixed parts: the boundary between config and weights is unambiguous.
+            _HASHER.submit(digest.update, len(config_bytes).to_bytes(8, "little") + config_bytes
+                           + len(data).to_bytes(8, "little"))
+            _read_exactly(f, view[:8], file, fail)
+            header_end = min(len(data), 8 + int.from_bytes(view[:8], "little"))
+            _read_exactly(f, view[8:header_end], file, fail)
+            _HASHER.submit(digest.update, view[:header_end])
+        except BaseException:
+            f.close()
+            raise
+
+        def read_rest() -> Future[str]:
+            with f:
+                for start in range(header_end, len(data), _READ_CHUNK):
+                    chunk = view[start:start + _READ_CHUNK]
+                    _read_exactly(f, chunk, file, fail)
+                    _HASHER.submit(digest.update, chunk)
+            return _HASHER.submit(digest.hexdigest)
+
+        return data, _READER.submit(read_rest)
     if (folder / PICKLE_FILE).is_file():  # never unpickled: a pickle can run arbitrary code
         raise fail(PICKLE_FILE, str(folder / PICKLE_FILE), "is a pickle and is not loaded; "
                    f"safetensors is required: save the adapter as {WEIGHTS_FILE}")
@@ -169,12 +216,25 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _parse_safetensors(data: bytearray, fail: Fail) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as views into ``data`` (no copy).
+def _read_exactly(f: io.RawIOBase, into: memoryview, file: Path, fail: Fail) -> None:
+    done = 0
+    while done < len(into):  # a raw read may return less than asked
+        got = f.readinto(into[done:])
+        if not got:
+            raise fail(WEIGHTS_FILE, str(file), "changed while it was read")
+        done += got
+
+
+def _parse_safetensors(data: bytearray | memoryview, fail: Fail
+                       ) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+    """Tensors of a safetensors file as views into ``data`` (no copy), and the whole data
+    section as one float32 view when every tensor is float32 and they tile it exactly
+    (what PEFT writes), else None.
 
     The format: an 8-byte little-endian header length, a JSON header naming each tensor's
     dtype, shape and [begin, end) byte range after the header, then the bytes. Every range
-    is checked against the file before a view is made.
+    is checked against the file before a view is made, and no two may overlap (B is scaled
+    in place: a byte shared by two tensors would be scaled twice).
     """
     def bad(why: str) -> AdapterError:
         return fail(WEIGHTS_FILE, f"{len(data)} bytes", f"is not a valid safetensors file: {why}")
@@ -191,7 +251,7 @@ def _parse_safetensors(data: bytearray, fail: Fail) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     start, size = 8 + header_len, len(data) - 8 - header_len
-    tensors = {}
+    tensors, ranges = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -212,7 +272,17 @@ def _parse_safetensors(data: bytearray, fail: Fail) -> dict[str, torch.Tensor]:
             raise bad(f"tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype_name}")
         tensors[name] = (torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin)
                          .view(shape) if numel else torch.empty(shape, dtype=dtype))
-    return tensors
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise bad(f"tensors {first!r} and {second!r} share bytes")
+    float32_data = None
+    if (ranges and start % 4 == 0 and all(t.dtype == torch.float32 for t in tensors.values())
+            and ranges[0][0] == 0 and ranges[-1][1] == size
+            and all(e == b for (_, e, _), (b, _, _) in zip(ranges, ranges[1:]))):
+        float32_data = np.frombuffer(data, dtype=np.float32, count=size // 4, offset=start)
+    return tensors, float32_data
 
 
 def _matcher(field: str, spec: Any, fail: Fail) -> Callable[[str], bool]:
@@ -284,13 +354,19 @@ def _targeted_keys(config: dict[str, Any], base_keys: dict[str, tuple[int, str]]
     return chosen
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], fail: Fail) -> None:
-    """One float32 sum per tensor, all checked at once: finite whenever every element is
-    (the exact test runs only when a sum is not, and names the tensor)."""
+def _check_finite(tensors: dict[str, torch.Tensor], float32_data: np.ndarray | None,
+                  fail: Fail) -> None:
+    """One float32 sum over all the weights (``float32_data``, or one per tensor): finite
+    whenever every element is (the exact test runs only when a sum is not, and names the
+    tensor). numpy sums the whole file on this thread: a torch op that large would start
+    an OpenMP team for the loading thread beside the engine's."""
     if not tensors:
         return
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
-    if torch.isfinite(sums).all():
+    if float32_data is not None:
+        with np.errstate(over="ignore"):
+            if np.isfinite(float32_data.sum()):
+                return
+    elif torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])).all():
         return
     for tensor_name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -299,7 +375,8 @@ def _check_finite(tensors: dict[str, torch.Tensor], fail: Fail) -> None:
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
                   fail: Fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Full module name -> (lora_A, lora_B), both float32 and finite."""
+    """Full module name -> (lora_A, lora_B), as stored; checks names, ranks and dtypes only
+    (the values may still be arriving)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for tensor_name, tensor in tensors.items():
         m = _TENSOR_RE.match(tensor_name)
@@ -317,8 +394,7 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise fail("tensor", tensor_name, f"must be a 2-D float tensor, got {tensor.dtype} "
                        f"{tuple(tensor.shape)}")
-        found.setdefault(key, {})[side] = tensor.to(torch.float32)
-    _check_finite(tensors, fail)
+        found.setdefault(key, {})[side] = tensor
     for key, sides in found.items():
         if len(sides) != 2:
             raise fail("tensor", f"{key}.lora_{'B' if 'A' in sides else 'A'}.weight", "is missing")

@@ -121,6 +121,23 @@ def test_content_hash_is_identity_not_name(good_adapter: Path, tmp_path: Path,
     assert load_adapter(changed_config, tiny_arch, 8).content_hash != first.content_hash
 
 
+def test_content_hash_is_taken_over_the_files_as_stored(good_adapter: Path,
+                                                        tiny_arch: ModelArch) -> None:
+    """lora_B is scaled in place in the buffer the file was read into: the hash must be
+    of the bytes read, and the values PEFT's (test_matches_peft_delta_weight)."""
+    from blake3 import blake3
+
+    digest = blake3()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        data = (good_adapter / name).read_bytes()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    adapter = load_adapter(good_adapter, tiny_arch, 8)
+    assert adapter.content_hash == digest.hexdigest()
+    stored = load_file(good_adapter / WEIGHTS_FILE)
+    w = adapter.modules[(0, "q_proj")]
+    assert w.scaling == 2.0 and torch.equal(w.b, stored[Q_B] * 2.0)
+
+
 # ---- refusals: each names the adapter path, the field and the value -------------------
 
 def edit_config(folder: Path, **updates: Any) -> None:
@@ -251,6 +268,21 @@ def test_refuses_truncated_or_corrupt_weights(damage: str, bad: Path, tiny_arch:
     path.write_bytes({"truncated": data[: len(data) // 2], "tiny": data[:5],
                       "garbage_header": b"\xff" * 8 + data[8:]}[damage])
     refused(bad, tiny_arch, WEIGHTS_FILE, "not a valid safetensors file")
+
+
+def test_refuses_tensors_that_share_bytes(bad: Path, tiny_arch: ModelArch) -> None:
+    """Two tensors over one byte range (safetensors forbids it): B is scaled in place, so
+    a shared byte would be scaled twice."""
+    path = bad / WEIGHTS_FILE
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    header[Q_A.replace("layers.0.", "layers.1.")]["data_offsets"] = header[Q_A]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (header_len - len(text))  # same length: the offsets stay valid
+    assert len(text) == header_len
+    path.write_bytes(data[:8] + text + data[8 + header_len:])
+    refused(bad, tiny_arch, WEIGHTS_FILE, "share bytes")
 
 
 def test_refuses_pickled_bin_without_unpickling(bad: Path, tiny_arch: ModelArch,
