@@ -31,6 +31,7 @@
 
 #define VL 16   /* floats per vector */
 #define TILE 4  /* tokens of one slot that share each weight load */
+_Static_assert(TILE == 4, "lora_bgmv_bf16 dispatches runs of 1..4 tokens");
 #define ROWS 4  /* rows of A per shrink block; columns of out per expand block: ROWS * VL */
 #define PF_ROWS 8  /* the shrink prefetches A this many rows ahead: the weights come from L3 or DRAM */
 
@@ -287,13 +288,16 @@ static int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *
         float *xf = scratch, *h = scratch + TILE * n_in; /* [TILE, n_in], [TILE, max_k] */
         const uint16_t *a = w->a_flat + slot * w->a_slot_stride;
         const uint16_t *bt = w->b_flat + slot * w->b_slot_stride;
-        if (run == TILE)
-            tile(TILE, rows + i, n_in, w->num_slices, w->out_offsets, x, x_stride, out,
-                 out_stride, r, a, bt, max_k, alpha, xf, h, zeros);
-        else
-            for (int64_t t = 0; t < run; t++)
-                tile(1, rows + i + t, n_in, w->num_slices, w->out_offsets, x, x_stride, out,
-                     out_stride, r, a, bt, max_k, alpha, xf, h, zeros);
+        /* T must be a constant at each call for the inlined loops to unroll. */
+#define TILE_OF(T) tile(T, rows + i, n_in, w->num_slices, w->out_offsets, x, x_stride, out, \
+                        out_stride, r, a, bt, max_k, alpha, xf, h, zeros)
+        switch (run) {
+            case 4: TILE_OF(4); break;
+            case 3: TILE_OF(3); break;
+            case 2: TILE_OF(2); break;
+            default: TILE_OF(1); break;
+        }
+#undef TILE_OF
     }
     if (w->next != NULL) /* the same slots are likely to run there too: up to 4 of them */
         for (int64_t i = 0, asked = 0; i < n && asked < 4; i++)
