@@ -92,14 +92,15 @@ static inline float hsum(f32v v) {
  * T is a constant at each call site (inlined). With AVX512-BF16, one vdpbf16ps multiplies
  * 32 bf16 pairs straight from memory (no conversion; twice the products of an FMA). */
 static inline __attribute__((always_inline)) void shrink(
-        int T, int64_t n_in, int64_t k, const uint16_t *const *xs, const float *xf,
-        const uint16_t *a, const uint16_t *zero_row, float *h, int64_t h_stride) {
+        int T, int64_t n_in, int64_t j_begin, int64_t j_end, int64_t k,
+        const uint16_t *const *xs, const float *xf, const uint16_t *a,
+        const uint16_t *zero_row, float *h, int64_t h_stride) {
 #ifdef __AVX512BF16__
     const int64_t n_vec = n_in / (2 * VL) * (2 * VL);
 #else
     const int64_t n_vec = n_in / VL * VL;
 #endif
-    for (int64_t j0 = 0; j0 < k; j0 += ROWS) {
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += ROWS) {
         const uint16_t *row[ROWS];
         for (int q = 0; q < ROWS; q++) row[q] = j0 + q < k ? a + (j0 + q) * n_in : zero_row;
         f32v acc[TILE][ROWS] = {{{0}}};
@@ -197,26 +198,76 @@ static void prefetch_slot(const struct lora_slots *w, int32_t slot) {
         }
 }
 
-/* T tokens (rows[0..T)) of one slot: shrink, scale, expand slice by slice. */
+/* The start of part ``part`` of ``parts`` equal shares of n items. */
+static inline int64_t share(int64_t n, int part, int parts) { return n * part / parts; }
+
+/* T tokens (rows[0..T)) of one slot: shrink, scale, expand slice by slice; this call does
+ * part ``part`` of ``parts``. With parts > 1 every thread of an OpenMP team calls it with
+ * the same xf and h: each shrinks its share of A's row blocks and, after a barrier, adds
+ * its share of each slice's column blocks. */
 static inline __attribute__((always_inline)) void tile(
         int T, const int32_t *rows, int64_t n_in, int64_t num_slices, const int64_t *out_offsets,
         const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t out_stride, int64_t r,
         const uint16_t *a, const uint16_t *bt, int64_t max_k, float alpha, float *xf,
-        float *h, const uint16_t *zero_row) {
+        float *h, const uint16_t *zero_row, int part, int parts) {
     const int64_t k = num_slices * r, n_out = out_offsets[num_slices];
     uint16_t *out_rows[TILE];
     const uint16_t *xs[TILE];
     for (int t = 0; t < T; t++) {
         xs[t] = x + rows[t] * x_stride;
-        for (int64_t i = 0; i < n_in; i++) xf[t * n_in + i] = bf16_to_float(xs[t][i]);
         out_rows[t] = out + rows[t] * out_stride;
+        if (part == 0)
+            for (int64_t i = 0; i < n_in; i++) xf[t * n_in + i] = bf16_to_float(xs[t][i]);
     }
-    shrink(T, n_in, k, xs, xf, a, zero_row, h, max_k);
+#ifdef _OPENMP
+    if (parts > 1) {
+#pragma omp barrier
+    }
+#endif
+    const int64_t blocks = (k + ROWS - 1) / ROWS;
+    const int64_t j_begin = ROWS * share(blocks, part, parts);
+    const int64_t j_end = part == parts - 1 ? k : ROWS * share(blocks, part + 1, parts);
+    shrink(T, n_in, j_begin, j_end, k, xs, xf, a, zero_row, h, max_k);
     for (int t = 0; t < T; t++)
-        for (int64_t j = 0; j < k; j++) h[t * max_k + j] *= alpha;
-    for (int64_t s = 0; s < num_slices; s++)
-        expand(T, r, out_offsets[s], out_offsets[s + 1], n_out, h + s * r, max_k,
-               bt + s * r * n_out, out_rows);
+        for (int64_t j = j_begin; j < j_end; j++) h[t * max_k + j] *= alpha;
+#ifdef _OPENMP
+    if (parts > 1) {
+#pragma omp barrier
+    }
+#endif
+    for (int64_t s = 0; s < num_slices; s++) {
+        const int64_t c0 = out_offsets[s], c1 = out_offsets[s + 1], full = (c1 - c0) / (ROWS * VL);
+        const int64_t begin = c0 + ROWS * VL * share(full, part, parts);
+        const int64_t end = part == parts - 1 ? c1 : c0 + ROWS * VL * share(full, part + 1, parts);
+        expand(T, r, begin, end, n_out, h + s * r, max_k, bt + s * r * n_out, out_rows);
+    }
+}
+
+/* One run of up to TILE tokens; T must be a constant at each tile() call for its inlined
+ * loops to unroll. */
+static inline void run_tile(int64_t run, const int32_t *rows, const struct lora_slots *w,
+                            int64_t r, const uint16_t *a, const uint16_t *bt, const uint16_t *x,
+                            int64_t x_stride, uint16_t *out, int64_t out_stride, float alpha,
+                            float *xf, float *h, const uint16_t *zero_row, int part, int parts) {
+#define TILE_OF(T) tile(T, rows, w->n_in, w->num_slices, w->out_offsets, x, x_stride, out, \
+                        out_stride, r, a, bt, w->max_k, alpha, xf, h, zero_row, part, parts)
+    switch (run) {
+        case 4: TILE_OF(4); break;
+        case 3: TILE_OF(3); break;
+        case 2: TILE_OF(2); break;
+        default: TILE_OF(1); break;
+    }
+#undef TILE_OF
+}
+
+/* The same slots are likely to run in the next projection too: ask for up to 4 of them. */
+static void prefetch_next(const struct lora_slots *w, int64_t n, const int32_t *slots) {
+    if (w->next == NULL) return;
+    for (int64_t i = 0, asked = 0; i < n && asked < 4; i++)
+        if (i == 0 || slots[i] != slots[i - 1]) {
+            prefetch_slot(w->next, slots[i]);
+            asked++;
+        }
 }
 
 /* Scratch memory of each thread, grown on demand and kept: a decode step makes hundreds
@@ -248,9 +299,11 @@ static int reserve(int64_t floats, int64_t n_zeros) {
 
 /* out[rows[i], :] += alpha * B_s (A_s x[rows[i], :]) with s = slots[i], for i < n, skipping
  * slots of rank 0 in w->slot_ranks. Entries with the same slot should be adjacent: runs of
- * up to TILE share their weight loads. The runs are shared among the OpenMP threads (the
- * ones torch uses between its own products) when there are two or more: at 32 tokens the
- * LoRA work on one core took 11% of a step that the base products spread over two.
+ * up to TILE share their weight loads. The work is shared among the OpenMP threads (the
+ * ones torch uses between its own products): the runs when there are two or more (at 32
+ * tokens the LoRA work on one core took 11% of a step that the base products spread over
+ * two), else the one run's rows of A and columns of B (batch 1: two cores bring in the
+ * weights faster than one).
  * Returns 0, or -1 if the scratch memory could not be allocated (``out`` may be partly
  * updated then). */
 static int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *rows,
@@ -273,6 +326,26 @@ static int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *
     }
     runs[num_runs] = n;
     const int64_t *starts = runs;
+    if (num_runs == 1 && w->slot_ranks[slots[0]] > 0 && w->num_threads > 1) {
+        if (reserve(TILE * n_in + TILE * max_k, n_in)) return -1;
+        float *xf = scratch, *h = scratch + TILE * n_in; /* this thread's: shared by the team */
+        const uint16_t *zero_row = zeros;
+        const int32_t slot = slots[0];
+        const uint16_t *a = w->a_flat + slot * w->a_slot_stride;
+        const uint16_t *bt = w->b_flat + slot * w->b_slot_stride;
+#pragma omp parallel num_threads(w->num_threads)
+        {
+#ifdef _OPENMP
+            const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+            const int part = 0, parts = 1;
+#endif
+            run_tile(n, rows, w, w->slot_ranks[slot], a, bt, x, x_stride, out, out_stride,
+                     alpha, xf, h, zero_row, part, parts);
+        }
+        prefetch_next(w, n, slots);
+        return 0;
+    }
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) if (num_runs >= 2) num_threads(w->num_threads) \
     reduction(| : failed)
@@ -288,23 +361,10 @@ static int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *
         float *xf = scratch, *h = scratch + TILE * n_in; /* [TILE, n_in], [TILE, max_k] */
         const uint16_t *a = w->a_flat + slot * w->a_slot_stride;
         const uint16_t *bt = w->b_flat + slot * w->b_slot_stride;
-        /* T must be a constant at each call for the inlined loops to unroll. */
-#define TILE_OF(T) tile(T, rows + i, n_in, w->num_slices, w->out_offsets, x, x_stride, out, \
-                        out_stride, r, a, bt, max_k, alpha, xf, h, zeros)
-        switch (run) {
-            case 4: TILE_OF(4); break;
-            case 3: TILE_OF(3); break;
-            case 2: TILE_OF(2); break;
-            default: TILE_OF(1); break;
-        }
-#undef TILE_OF
+        run_tile(run, rows + i, w, r, a, bt, x, x_stride, out, out_stride, alpha, xf, h, zeros,
+                 0, 1);
     }
-    if (w->next != NULL) /* the same slots are likely to run there too: up to 4 of them */
-        for (int64_t i = 0, asked = 0; i < n && asked < 4; i++)
-            if (i == 0 || slots[i] != slots[i - 1]) {
-                prefetch_slot(w->next, slots[i]);
-                asked++;
-            }
+    prefetch_next(w, n, slots);
     return failed ? -1 : 0;
 }
 

@@ -86,6 +86,35 @@ def test_kernel_at_model_sizes_and_negative_alpha() -> None:
     torch.testing.assert_close(out, base, atol=0.1, rtol=0.02)
 
 
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+@pytest.mark.parametrize("num_tokens", [1, 3, 4])
+def test_one_run_is_split_among_threads(num_threads: int, num_tokens: int) -> None:
+    """A step whose tokens all fall in one run of one slot (batch 1) shares that run's rows
+    of A and columns of B among the threads; the shares are uneven with 3 threads, and the
+    slice of 200 columns ends in a tail past its last full block."""
+    outs, in_features, rank = [576, 200, 192], 576, 16
+    g = torch.Generator().manual_seed(7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)  # the kernel's team size is read when slots are made
+    try:
+        stack = LoRAStack(("q", "k", "v"), in_features, outs, max_loras=2, max_rank=rank,
+                          dtype=torch.bfloat16, device=CPU)
+    finally:
+        torch.set_num_threads(before)
+    stack.load(1, rank, {name: (torch.randn(rank, in_features, generator=g) / 24,
+                                torch.randn(out, rank, generator=g) / 4)
+                         for name, out in zip(stack.slice_names, outs)})
+    token_slots = [-1] + [1] * num_tokens
+    x, base = inputs(len(token_slots), in_features, sum(outs), num_tokens)
+    out = base.clone()
+    stack.apply(out, x, LoRAMapping.build(token_slots, {1: rank}, CPU))
+    reference = base.clone()
+    add_lora_reference(reference, x, token_slots, {1: rank}, stack.a_flat, stack.b_flat, outs)
+    torch.testing.assert_close(out, reference, **TOLERANCE[torch.bfloat16])
+    assert torch.equal(out[0], base[0])
+    assert (out.float() - base.float()).abs().amax(dim=1)[1:].min() > 0.1
+
+
 def test_kernel_skips_slots_that_do_not_target_the_projection() -> None:
     g = torch.Generator().manual_seed(5)
     stack = LoRAStack(("o_proj",), 32, [64], max_loras=2, max_rank=4, dtype=torch.bfloat16,
