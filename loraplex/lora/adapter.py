@@ -155,9 +155,6 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
                        max(w.rank for w in modules.values()), modules, num_bytes)
 
 
-
-
-
 def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
     file = folder / CONFIG_FILE
     if not file.is_file():
@@ -375,8 +372,8 @@ def _check_finite(tensors: dict[str, torch.Tensor], float32_data: np.ndarray | N
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], arch: ModelArch,
                   fail: Fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Full module name -> (lora_A, lora_B), as stored; checks names, ranks and dtypes only
-    (the values may still be arriving)."""
+    """Full module name -> (lora_A, lora_B), as stored; checks names, dimensions and dtypes
+    only (the values may still be arriving)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for tensor_name, tensor in tensors.items():
         m = _TENSOR_RE.match(tensor_name)

@@ -1,42 +1,21 @@
-"""The CPU LoRA kernel of lora/bgmv.c: built at first use as a CPython extension module.
+"""The CPU LoRA kernel of kernels/bgmv.c, seen from Python.
 
-The module is compiled once per machine with the system's C compiler (``-O3
--march=native``, against this Python's headers) into ``$LORAPLEX_HOME/native/`` under a
-name that hashes the source, the flags, the Python ABI and the CPU's features, written
-atomically, so concurrent first starts and a changed kernel never load a stale or
-half-written library. Without a compiler or Python's headers, or with
-``LORAPLEX_NATIVE_LORA=0``, ``kernel()`` returns None and LoRA runs on torch products
+``kernel()`` is the module's ``add``, built at first use (loraplex/kernels); without a
+compiler, or with ``LORAPLEX_NATIVE_LORA=0``, it is None and LoRA runs on torch products
 instead (lora/ops.py); the result is the same within rounding. The slot descriptions the
 kernel reads are ctypes structures, built once; only their addresses cross each call.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 
 import torch
 
-from loraplex.models.registry import loraplex_home
+from loraplex import kernels
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("bgmv.c")
-# -fopenmp: the kernel shares a step's tokens among the OpenMP threads torch already runs
-# (libgomp.so.1, loaded by torch first, so one runtime and one thread pool serve both).
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-fno-math-errno",
-         "-fopenmp"]
 DISABLE_ENV = "LORAPLEX_NATIVE_LORA"
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -51,60 +30,15 @@ _LoRASlots._fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _pt
                        ("b_flat", _ptr), ("b_slot_stride", _i64), ("max_k", _i64),
                        ("next", ctypes.POINTER(_LoRASlots)), ("num_threads", _i64)]
 
-MODULE_NAME = "_loraplex_bgmv"  # bgmv.c's PyInit__loraplex_bgmv
-
-
-def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        include = sysconfig.get_paths()["include"]
-        subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp], check=True,
-                       capture_output=True, text=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 @cache
-def kernel() -> Callable[..., int] | None:
+def kernel() -> Callable[..., None] | None:
     """bgmv.c's ``add``, or None where it cannot be built (logged once)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or platform.system() == "Windows":
-        log.warning("no C compiler found: LoRA runs on torch products (slower at decode)")
-        return None
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(FLAGS),
-                                    sysconfig.get_config_var("EXT_SUFFIX") or "", sys.version,
-                                    platform.machine(), _cpu_features()]).encode()).hexdigest()
-    target = loraplex_home() / "native" / f"bgmv-{key[:16]}.so"
-    try:
-        if not target.is_file():
-            _build(compiler, target)
-        spec = importlib.util.spec_from_file_location(MODULE_NAME, target)
-        if spec is None or spec.loader is None:
-            raise OSError(f"{target} is not loadable as an extension module")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except (OSError, ImportError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        log.warning("could not build the LoRA kernel (%s): LoRA runs on torch products", detail)
-        return None
+    module = kernels.load("bgmv", "_loraplex_bgmv")
     # The call keeps the GIL: it lasts microseconds, less than a release and re-take.
-    return module.add
+    return None if module is None else module.add
 
 
 def can_use(x_dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""lora/bgmv.c through lora/native.py: the CPU kernel that serves bf16 decode tokens,
+"""kernels/bgmv.c through lora/native.py: the CPU kernel that serves bf16 decode tokens,
 against the per-token oracle, and the torch fallback when it cannot be built."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from loraplex import kernels
 from loraplex.lora import native
 from loraplex.lora.layers import LoRAStack, slot_dtype
 from loraplex.lora.ops import WIDE_ROWS, LoRAMapping, add_lora_reference
@@ -159,9 +160,9 @@ def test_kernel_is_built_once_into_loraplex_home(fresh_kernel) -> None:
 
 def test_portable_build_equals_reference(fresh_kernel, monkeypatch) -> None:
     """The kernel built without AVX512-BF16 (plain vector code, as on CPUs without it)."""
-    if "avx512_bf16" not in native._cpu_features():
+    if "avx512_bf16" not in kernels.cpu_features():
         pytest.skip("this CPU runs the portable path already (the tests above)")
-    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512bf16"])
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx512bf16"])
     test_kernel_equals_reference("all_of_it", 3)
     test_kernel_at_model_sizes_and_negative_alpha()
 
@@ -172,12 +173,12 @@ def test_without_the_kernel_lora_falls_back_to_torch(fresh_kernel, monkeypatch, 
         monkeypatch.setenv(native.DISABLE_ENV, "0")
     else:
         monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
-    with caplog.at_level(logging.WARNING, logger="loraplex.lora.native"):
+    with caplog.at_level(logging.WARNING, logger="loraplex.kernels"):
         assert native.kernel() is None
     assert not native.can_use(torch.bfloat16, CPU)
     assert slot_dtype(torch.bfloat16, CPU) == torch.float32  # the fast torch path's dtype
     if how == "compiler fails":
-        assert "could not build the LoRA kernel" in caplog.text
+        assert "could not build the bgmv kernel" in caplog.text
         assert not any((fresh_kernel / "native").iterdir())  # no half-written library left
     stack, weights = make_stack(SLICE_OUTS[3], torch.float32, 0)
     assert stack.kernel is None

@@ -12,79 +12,16 @@
  *   A:   a_flat + s * a_slot_stride, [k, n_in] row-major; rows [i*r, (i+1)*r) = slice i
  *   B^T: b_flat + s * b_slot_stride, [k, n_out] row-major; rows [i*r, (i+1)*r) are nonzero
  *        only in slice i's columns [out_offsets[i], out_offsets[i+1])
- * Written with GCC vector extensions (16 floats), compiled at first use with
- * -O3 -march=native (lora/native.py): AVX-512 where the CPU has it, narrower elsewhere.
- * Built as a CPython extension module: a METH_FASTCALL call costs well under a
- * microsecond, where ctypes spent several converting the arguments of each call.
+ * Compiled at first use with -O3 -march=native (kernels/__init__.py) as a CPython
+ * extension module: a METH_FASTCALL call costs well under a microsecond, where ctypes
+ * spent several converting the arguments of each call.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-#endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common.h"
 
-#define VL 16   /* floats per vector */
 #define TILE 4  /* tokens of one slot that share each weight load */
 _Static_assert(TILE == 4, "lora_bgmv_bf16 dispatches runs of 1..4 tokens");
 #define ROWS 4  /* rows of A per shrink block; columns of out per expand block: ROWS * VL */
 #define PF_ROWS 8  /* the shrink prefetches A this many rows ahead: the weights come from L3 or DRAM */
-
-typedef float f32v __attribute__((vector_size(VL * 4)));
-typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
-typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
-
-static inline f32v load_bf16(const uint16_t *p) {
-    u16v half;
-    memcpy(&half, p, sizeof half);
-    u32v bits = __builtin_convertvector(half, u32v) << 16;
-    f32v f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline f32v load_f32(const float *p) {
-    f32v v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* Round to nearest even, as torch does; NaN stays NaN. */
-static inline void store_bf16(uint16_t *p, f32v f) {
-    u32v bits;
-    memcpy(&bits, &f, sizeof bits);
-    u32v rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    u32v nan = (bits >> 16) | 0x40u;
-    u32v is_nan = (u32v)((bits & 0x7fffffffu) > 0x7f800000u);
-    u16v half = __builtin_convertvector((is_nan & nan) | (~is_nan & rounded), u16v);
-    memcpy(p, &half, sizeof half);
-}
-
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint16_t out[VL];
-    f32v v = {f};
-    store_bf16(out, v);
-    return out[0];
-}
-
-/* Sum of the lanes as a tree (depth 4, not a chain of 15 dependent adds). */
-static inline float hsum(f32v v) {
-    for (int width = VL / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; l++) v[l] += v[l + width];
-    return v[0];
-}
 
 /* h[t][j] = A[j, :] . x_t for t < T, j < k. xs: the T token rows (bf16, [n_in]);
  * xf: the same as float32, [T, n_in]; a: [k, n_in]. Blocks of ROWS rows x T tokens keep
@@ -378,10 +315,7 @@ static PyObject *py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     int64_t v[8];
-    for (int i = 0; i < 8; i++) {
-        v[i] = PyLong_AsLongLong(args[i]);
-        if (v[i] == -1 && PyErr_Occurred()) return NULL;
-    }
+    if (int64_args(args, 8, v)) return NULL;
     const double alpha = PyFloat_AsDouble(args[8]);
     if (alpha == -1.0 && PyErr_Occurred()) return NULL;
     if (lora_bgmv_bf16((const struct lora_slots *)(intptr_t)v[0], v[1], (const int32_t *)(intptr_t)v[2],

@@ -1,0 +1,81 @@
+/* What the kernels of this folder share: bf16 <-> float32 on vectors of 16 floats (GCC
+ * vector extensions: AVX-512 where the CPU has it, narrower elsewhere), the CPython
+ * entry-point helpers, and OpenMP. Included once per kernel source, never installed. */
+#ifndef LORAPLEX_KERNELS_COMMON_H
+#define LORAPLEX_KERNELS_COMMON_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define VL 16   /* floats per vector */
+
+typedef float f32v __attribute__((vector_size(VL * 4)));
+typedef uint32_t u32v __attribute__((vector_size(VL * 4)));
+typedef uint16_t u16v __attribute__((vector_size(VL * 2)));
+
+static inline f32v load_bf16(const uint16_t *p) {
+    u16v half;
+    memcpy(&half, p, sizeof half);
+    u32v bits = __builtin_convertvector(half, u32v) << 16;
+    f32v f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline f32v load_f32(const float *p) {
+    f32v v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Round to nearest even, as torch does; NaN stays NaN. */
+static inline void store_bf16(uint16_t *p, f32v f) {
+    u32v bits;
+    memcpy(&bits, &f, sizeof bits);
+    u32v rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    u32v nan = (bits >> 16) | 0x40u;
+    u32v is_nan = (u32v)((bits & 0x7fffffffu) > 0x7f800000u);
+    u16v half = __builtin_convertvector((is_nan & nan) | (~is_nan & rounded), u16v);
+    memcpy(p, &half, sizeof half);
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint16_t out[VL];
+    f32v v = {f};
+    store_bf16(out, v);
+    return out[0];
+}
+
+/* Sum of the lanes as a tree (depth 4, not a chain of 15 dependent adds). */
+static inline float hsum(f32v v) {
+    for (int width = VL / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) v[l] += v[l + width];
+    return v[0];
+}
+
+/* The int64 values of n Python ints (addresses, sizes): 0, or -1 with the error set. */
+static inline int int64_args(PyObject *const *args, int n, int64_t *out) {
+    for (int i = 0; i < n; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+#endif
