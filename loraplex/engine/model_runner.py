@@ -133,7 +133,7 @@ class ModelRunner:
             else:
                 prefills.append((len(input_ids) - n, len(input_ids), table, start))
 
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = lens = None
         if num_decodes:
             max_len = max(decode_lens)
             width = -(-max_len // bs)
@@ -160,6 +160,7 @@ class ModelRunner:
             num_decode_tokens=num_decodes,
             decode_slots=decode_slots,
             decode_mask=decode_mask,
+            decode_lens=lens,
             prefills=chunks,
         )
         return (torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta)

@@ -2,15 +2,24 @@
 
 One step's batch is a flat list of tokens: first the decode tokens (one query per
 sequence), then the prefill chunks (many queries per sequence). Decodes are attended in
-one batched call over their gathered, padded contexts; each prefill chunk in one call of
-its own. The metadata is built once per step by the model runner and shared by all layers.
+one call: on CPU in bf16 the kernel of kernels/decode_attention.c reads their contexts
+straight from the cache; elsewhere one batched torch call over their gathered, padded
+contexts. Each prefill chunk takes a torch call of its own. The metadata is built once per
+step by the model runner and shared by all layers.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+from loraplex import kernels
+
+DISABLE_ENV = "LORAPLEX_NATIVE_ATTENTION"
 
 
 @dataclass(slots=True)
@@ -29,7 +38,38 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_slots: torch.Tensor | None  # [num_decodes, max_context] long, padded with slot 0
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    decode_lens: torch.Tensor | None  # [num_decodes] long: context length of each decode
     prefills: list[PrefillChunk]
+
+
+@cache
+def decode_kernel() -> Callable[..., None] | None:
+    """kernels/decode_attention.c's ``decode``, or None (no compiler, or
+    ``LORAPLEX_NATIVE_ATTENTION=0``): then torch attends."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    module = kernels.load("decode_attention", "_loraplex_decode_attention")
+    return None if module is None else module.decode
+
+
+def _decode_with_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, out: torch.Tensor) -> bool:
+    """out[:B] = attention of the B decode queries, by the CPU kernel; False (nothing done)
+    where it does not apply: not bf16 on CPU, or a layout it does not read."""
+    fn = decode_kernel() if q.device.type == "cpu" and q.dtype == torch.bfloat16 else None
+    if fn is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()
+                          and k_cache.dtype == torch.bfloat16 and v_cache.dtype == torch.bfloat16):
+        return False
+    num_decodes, heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
+    queries = q[:num_decodes].contiguous()  # [B, heads, d]
+    result = out[:num_decodes] if out.is_contiguous() else torch.empty_like(queries)
+    slots, lens = meta.decode_slots, meta.decode_lens  # contiguous int64, made by the runner
+    fn(queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
+       lens.data_ptr(), result.data_ptr(), num_decodes, heads, k_cache.shape[1], head_dim,
+       torch.get_num_threads(), head_dim ** -0.5)
+    if result.data_ptr() != out.data_ptr():
+        out[:num_decodes] = result
+    return True
 
 
 def paged_attention(
@@ -44,7 +84,7 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     num_decodes = meta.num_decode_tokens
-    if num_decodes:
+    if num_decodes and not _decode_with_kernel(q, k_cache, v_cache, meta, out):
         # index_select on flat slots is far faster than advanced indexing with a 2-D index.
         shape = (*meta.decode_slots.shape, *k_cache.shape[1:])  # [B, T, kv, d]
         flat_slots = meta.decode_slots.flatten()

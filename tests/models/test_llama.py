@@ -105,7 +105,9 @@ class Pair:
             decode_mask = (pos[None, :] < torch.tensor(decode_lens)[:, None])[:, None, None, :]
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots),
                                  num_decode_tokens=len(decode_tables), decode_slots=decode_slots,
-                                 decode_mask=decode_mask, prefills=chunks)
+                                 decode_mask=decode_mask,
+                                 decode_lens=torch.tensor(decode_lens) if decode_tables else None,
+                                 prefills=chunks)
         with torch.inference_mode():
             hidden = self.ours(torch.tensor(ids), torch.tensor(positions), self.kv, meta)
             logits = self.ours.compute_logits(hidden)
