@@ -16,7 +16,7 @@ Per step the model runner groups the LoRA tokens by slot and the slots by rank
 (``LoRAMapping``). Two paths compute the deltas:
 
 - On CPU with bf16 activations, the groups of fewer than ``WIDE_ROWS`` rows (decodes,
-  speculative verification) go to the kernel of lora/bgmv.c (lora/native.py): one call per
+  speculative verification) go to the kernel of kernels/bgmv.c (lora/native.py): one call per
   projection for all of them, whatever their mix of slots and ranks, reading each slot's
   bf16 weights once per tile of tokens and skipping B's zero blocks.
 - Everything else runs on torch products, per rank group, one shrink and one expand: plain
