@@ -57,13 +57,15 @@ def _decode_with_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """out[:B] = attention of the B decode queries, by the CPU kernel; False (nothing done)
     where it does not apply: not bf16 on CPU, or a layout it does not read."""
     fn = decode_kernel() if q.device.type == "cpu" and q.dtype == torch.bfloat16 else None
-    if fn is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()
-                          and k_cache.dtype == torch.bfloat16 and v_cache.dtype == torch.bfloat16):
+    slots, lens = meta.decode_slots, meta.decode_lens
+    if fn is None or lens is None or not (
+            k_cache.is_contiguous() and v_cache.is_contiguous() and slots.is_contiguous()
+            and k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and slots.dtype == lens.dtype == torch.int64):
         return False
     num_decodes, heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
     queries = q[:num_decodes].contiguous()  # [B, heads, d]
     result = out[:num_decodes] if out.is_contiguous() else torch.empty_like(queries)
-    slots, lens = meta.decode_slots, meta.decode_lens  # contiguous int64, made by the runner
     fn(queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
        lens.data_ptr(), result.data_ptr(), num_decodes, heads, k_cache.shape[1], head_dim,
        torch.get_num_threads(), head_dim ** -0.5)
