@@ -28,9 +28,9 @@ base and adapter inside the round; the round's value is the median of its sample
 
 1. Warm adapter TTFT: one 512-token prompt, ``max_tokens=1``, r=16 all-linear adapter
    already in a slot, vs base: ``metrics.ttft_s`` (arrival -> first token). Target <= 1.05x.
-   Printed beside it, the arithmetic floor of a prefill, which is bound by arithmetic:
-   1 + the adapter's FLOPs / the base's (2 x its parameters without the embedding, plus
-   attention's 2 x 2 x layers x q_size x the mean causal context) per prompt token.
+   Printed beside it, the floor of a prefill, which is bound by arithmetic: 1 + the
+   adapter's FLOPs / the base's (2 x its parameters without the embedding, plus attention's
+   2 x 2 x layers x q_size x the mean causal context) per prompt token.
 2. Cold adapter, first request: a new r=16 all-linear adapter (new content) for every
    sample, its file flushed and dropped from the page cache (fsync + POSIX_FADV_DONTNEED), so the
    load reads the disk. Requests go through ``engine.add_request`` + ``engine.step()``
