@@ -48,8 +48,9 @@ base and adapter inside the round; the round's value is the median of its sample
    Scenarios 3-5 share the base arm of each concurrency: one interleaved round runs base,
    then each variant at that concurrency (c32: base, one adapter, 32 x r8, 32 x r16), and
    every variant's ratio pairs it with the base run of the same round. The short runs
-   take more rounds (c1: 3x, c8: 2x the pairs of the other figures): on this shared
-   machine one c1 pair moves by up to 30% while a c1 round lasts a few seconds.
+   take 3x the pairs of the other figures (``DECODE_ROUNDS``): on this shared machine one
+   pair moves by up to 30% (c1) and 35% (c32; base arm alone 334-433 tok/s in one run of
+   7 Dec), so the median of 3 pairs was a coin toss around a 0.95x ratio.
 5. 32 distinct r=16 all-linear adapters at concurrency 32 vs base, beside the floor
    1 / (1 + adapter bytes / base bytes) per step (bf16: the 32 adapters' A and B; the
    base's parameters with the tied embedding/head once). PASS if the measured ratio is
@@ -58,11 +59,14 @@ base and adapter inside the round; the round's value is the median of its sample
    all-linear adapters, 2 each): two engines of identical configuration (max_cpu_loras
    1100); one holds the 4 traffic adapters, the other those 4 plus 996 r=1 q_proj
    adapters loaded into host memory (``adapters.load_now``). Target within 5% (0.95-1.05x).
+   3x the pairs of the other figures (``REG_ROUNDS``): two engines doing the same work
+   gave pairs from 0.78x to 1.17x on 7 Dec.
 7. transformers + PEFT (``PeftModel``, unmerged, bf16 base and bf16 adapter weights,
    ``autocast_adapter_dtype=False``) in the same run: one adapter at concurrency 1 and 8,
    and 4 adapters mixed at 8 (``load_adapter``, ``generate(adapter_names=[...])`` one
    per row) vs loraplex on the same adapters and traffic, 32 output tokens (PEFT is
-   slow; the rate is per decode step either way). Target loraplex >= 5x mixed.
+   slow; the rate is per decode step either way). Target loraplex >= 5x mixed; the mixed
+   figure takes 2x the pairs (``PEFT_MIXED_ROUNDS``; its pairs spread 3.75-6.14x on 7 Dec).
 
 ``--quick``: one pair, 32-token prompts, 8 output tokens, one 128-token TTFT sample per arm,
 100 registered adapters: a smoke run of every path, not a measurement.
@@ -95,7 +99,9 @@ TARGET_ONE = 0.90  # one adapter / base decode throughput, at least, at every co
 TARGET_8 = 0.90  # 8 distinct adapters / base, at least
 TARGET_32 = 0.85  # 32 distinct adapters / base, at least
 FLOOR_POINTS = 0.10  # scenario 5: measured may sit at most this far below the bytes floor
-DECODE_ROUNDS = {1: 3, 8: 2, 32: 1}  # pairs per decode figure, in units of --repeats (docstring, 3-5)
+DECODE_ROUNDS = {1: 3, 8: 3, 32: 3}  # pairs per decode figure, in units of --repeats (docstring, 3-5)
+REG_ROUNDS = 3  # scenario 6's pairs, in units of --repeats
+PEFT_MIXED_ROUNDS = 2  # scenario 7's pairs for the mixed figure, in units of --repeats
 TARGET_REG = 0.05  # 1000 vs 4 registered: |ratio - 1| at most
 TARGET_PEFT_MIXED = 5.0  # loraplex / PEFT decode throughput, 4 mixed adapters at 8, at least
 QUIET = 0.10  # other processes' median share of the CPUs above which the run is flagged noisy
@@ -282,7 +288,8 @@ def main() -> int:
         f"{sorted(cfg8['target_modules'])}, {p8 / 1e6:.3f}M params | r1 = r 1, q_proj | "
         f"32 distinct copies of r16 and of r8 | made in {ad_s:.0f}s")
     say(f"setup: seed {args.seed} | {repeats} interleaved pair(s) per figure after 1 warm-up pair "
-        f"(decode c1 / c8: {repeats * DECODE_ROUNDS[1]} / {repeats * DECODE_ROUNDS[8]}) "
+        f"(decode c1 / c8 / c32: {' / '.join(str(repeats * DECODE_ROUNDS[c]) for c in (1, 8, 32))}; "
+        f"1000 registered {repeats * REG_ROUNDS}; PEFT mixed {repeats * PEFT_MIXED_ROUNDS}) "
         f"(warm-up decodes {warm_len} tokens) | prompts {prompt_len} tokens (TTFT: {ttft_len}), "
         f"{out_len} output tokens ({peft_len} in [7]) | random ids in [256, {V}), fresh per round and arm | greedy, "
         f"ignore_eos | engine load {load_s:.1f}s{' | QUICK smoke run' if quick else ''}")
@@ -468,7 +475,7 @@ def main() -> int:
     def run6(which, inst):
         return lambda r: lp_generate(inst, prompts(8, prompt_len, "reg", r, which), sp(n_out(r)), traffic)
 
-    res = pair({"few": run6("few", llm_few), "many": run6("many", llm_many)}, repeats)
+    res = pair({"few": run6("few", llm_few), "many": run6("many", llm_many)}, repeats * REG_ROUNDS)
     contention("6", res)
     b, a = col(res["few"], "decode_tok_s"), col(res["many"], "decode_tok_s")
     results["reg"] = median_ratio(a, b)
@@ -525,7 +532,8 @@ def main() -> int:
             return prompts(c, prompt_len, "peft", label, r)
 
         res = pair({"loraplex": lambda r, b=batch, lo=lp_loras: lp_generate(llm, b(r), sp(n7(r)), lo),
-                    "peft": peft_run(batch, peft_names)}, repeats)
+                    "peft": peft_run(batch, peft_names)},
+                   repeats * (PEFT_MIXED_ROUNDS if peft_names else 1))
         contention("7", res)
         a, b = col(res["loraplex"], "decode_tok_s"), col(res["peft"], "decode_tok_s")
         vs_peft[label] = median_ratio(a, b)
