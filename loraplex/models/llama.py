@@ -18,6 +18,7 @@ from torch import nn
 
 from loraplex.models.attention import AttentionMetadata, paged_attention
 from loraplex.models.linear import Linear
+from loraplex.models.pointwise import add_rms_norm, silu_mul
 
 if TYPE_CHECKING:
     from loraplex.lora.ops import LoRAMapping
@@ -146,11 +147,10 @@ class LlamaLayer(nn.Module):
                 signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, lora: LoRAMapping | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [N, hidden], the previous layer's output; residual: the running sum
-        (None before the first layer)."""
+        """x: [N, hidden], the previous layer's output (overwritten: it becomes the running
+        sum); residual: the running sum (None before the first layer)."""
         a, eps = self.arch, self.arch.rms_norm_eps
-        residual = x if residual is None else x + residual
-        h = F.rms_norm(residual, (a.hidden_size,), self.input_norm, eps)
+        h, residual = add_rms_norm(x, residual, self.input_norm, eps)
         qkv = self.qkv_proj(h, lora)
         # Rotate q and k heads in one go: [N, heads + kv_heads, d].
         qk = apply_rope(qkv[:, :a.q_size + a.kv_size].view(-1, a.num_heads + a.num_kv_heads,
@@ -158,10 +158,9 @@ class LlamaLayer(nn.Module):
         q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
         v = qkv[:, a.q_size + a.kv_size:].view(-1, a.num_kv_heads, a.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
-        residual = self.o_proj(attn.flatten(1), lora) + residual
-        h = F.rms_norm(residual, (a.hidden_size,), self.post_attention_norm, eps)
-        gate, up = self.gate_up_proj(h, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora), residual
+        h, residual = add_rms_norm(self.o_proj(attn.flatten(1), lora), residual,
+                                   self.post_attention_norm, eps)
+        return self.down_proj(silu_mul(self.gate_up_proj(h, lora)), lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -198,8 +197,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, signed_sin, kv[0], kv[1], meta, lora)
-        return F.rms_norm(x + residual, (self.arch.hidden_size,), self.norm,
-                          self.arch.rms_norm_eps)
+        return add_rms_norm(x, residual, self.norm, self.arch.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, hidden] -> logits [M, vocab] in float32."""
