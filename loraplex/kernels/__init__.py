@@ -58,9 +58,11 @@ def _build(compiler: str, source: Path, target: Path) -> None:
             os.unlink(tmp)
 
 
-def load(name: str, module: str) -> ModuleType | None:
+def load(name: str, module: str, switch_env: str) -> ModuleType | None:
     """The module built from ``kernels/<name>.c`` (its ``PyInit_<module>``), or None where
-    it cannot be built (logged)."""
+    it cannot be built (logged) or where the environment variable ``switch_env`` is "0"."""
+    if os.environ.get(switch_env, "1") == "0":
+        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or platform.system() == "Windows":
         log.warning("no C compiler found: the %s kernel is off (torch runs instead)", name)

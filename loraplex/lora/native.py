@@ -8,7 +8,6 @@ kernel reads are ctypes structures, built once; only their addresses cross each 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable
 from functools import cache
 
@@ -34,9 +33,7 @@ _LoRASlots._fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _pt
 @cache
 def kernel() -> Callable[..., None] | None:
     """bgmv.c's ``add``, or None where it cannot be built (logged once)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    module = kernels.load("bgmv", "_loraplex_bgmv")
+    module = kernels.load("bgmv", "_loraplex_bgmv", DISABLE_ENV)
     # The call keeps the GIL: it lasts microseconds, less than a release and re-take.
     return None if module is None else module.add
 

@@ -9,7 +9,6 @@ step by the model runner and shared by all layers.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -46,9 +45,7 @@ class AttentionMetadata:
 def decode_kernel() -> Callable[..., None] | None:
     """kernels/decode_attention.c's ``decode``, or None (no compiler, or
     ``LORAPLEX_NATIVE_ATTENTION=0``): then torch attends."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    module = kernels.load("decode_attention", "_loraplex_decode_attention")
+    module = kernels.load("decode_attention", "_loraplex_decode_attention", DISABLE_ENV)
     return None if module is None else module.decode
 
 

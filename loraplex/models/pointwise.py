@@ -5,7 +5,6 @@ make torch's eight or two operations cost dispatch, not arithmetic); elsewhere, 
 """
 from __future__ import annotations
 
-import os
 from functools import cache
 from types import ModuleType
 
@@ -20,9 +19,7 @@ DISABLE_ENV = "LORAPLEX_NATIVE_POINTWISE"
 @cache
 def kernel() -> ModuleType | None:
     """The built kernels/pointwise.c, or None (no compiler, or switched off)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    return kernels.load("pointwise", "_loraplex_pointwise")
+    return kernels.load("pointwise", "_loraplex_pointwise", DISABLE_ENV)
 
 
 def _native(*tensors: torch.Tensor) -> ModuleType | None:
