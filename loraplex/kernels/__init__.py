@@ -1,6 +1,6 @@
 """C kernels for the CPU, built at first use as CPython extension modules.
 
-Each ``*.c`` file here is one module (with ``common.h``, what they share). ``load`` compiles
+Each ``*.c`` file here is one module; the ``*.h`` files hold what they share. ``load`` compiles
 it once per machine with the system's C compiler (``-O3 -march=native``, OpenMP, this
 Python's headers) into ``$LORAPLEX_HOME/native/`` under a name that hashes the sources, the
 flags, the Python ABI and the CPU's features, written atomically, so concurrent first
@@ -68,7 +68,8 @@ def load(name: str, module: str, switch_env: str) -> ModuleType | None:
         log.warning("no C compiler found: the %s kernel is off (torch runs instead)", name)
         return None
     source = HERE / f"{name}.c"
-    key = hashlib.sha256("\n".join([source.read_text(), (HERE / "common.h").read_text(), compiler,
+    headers = [h.read_text() for h in sorted(HERE.glob("*.h"))]
+    key = hashlib.sha256("\n".join([source.read_text(), *headers, compiler,
                                     " ".join(FLAGS), sysconfig.get_config_var("EXT_SUFFIX") or "",
                                     sys.version, platform.machine(), cpu_features()]).encode())
     target = loraplex_home() / "native" / f"{name}-{key.hexdigest()[:16]}.so"

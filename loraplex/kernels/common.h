@@ -55,11 +55,12 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
+/* store_bf16's rounding for one value. */
 static inline uint16_t float_to_bf16(float f) {
-    uint16_t out[VL];
-    f32v v = {f};
-    store_bf16(out, v);
-    return out[0];
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 /* Sum of the lanes as a tree (depth 4, not a chain of 15 dependent adds). */

@@ -74,7 +74,9 @@ class LoRAStack:
             if self.kernel is not None:
                 if p.narrow is not None:
                     self.kernel.add(out, x, p.narrow, p.alpha)
-                if not p.wide_groups:  # a decode step: nothing else to do, nothing to build
+                if p.wide is not None:
+                    self.kernel.add_wide(out, x, p.wide, p.alpha)
+                if not p.wide_groups:  # nothing left for torch, nothing to build
                     continue
                 groups = p.wide_groups
             # Skip the groups whose adapters do not target this projection at all.

@@ -1,9 +1,12 @@
-"""The CPU LoRA kernel of kernels/bgmv.c, seen from Python.
+"""The CPU LoRA kernels of kernels/bgmv.c (a few tokens per slot: decodes) and
+kernels/sgmv.c (long runs of one slot: prefills), seen from Python.
 
-``kernel()`` is the module's ``add``, built at first use (loraplex/kernels); without a
-compiler, or with ``LORAPLEX_NATIVE_LORA=0``, it is None and LoRA runs on torch products
-instead (lora/ops.py); the result is the same within rounding. The slot descriptions the
-kernel reads are ctypes structures, built once; only their addresses cross each call.
+``kernel()`` and ``wide_kernel()`` are the modules' ``add``, built at first use
+(loraplex/kernels); without a compiler, or with ``LORAPLEX_NATIVE_LORA=0``, they are None
+and LoRA runs on torch products instead (lora/ops.py); so does a prefill where the CPU lacks
+AVX512-BF16, which sgmv.c needs. The result is the same within rounding. The slot
+descriptions both kernels read are ctypes structures, built once; only their addresses
+cross each call.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 class _LoRASlots(ctypes.Structure):
-    """bgmv.c's ``struct lora_slots`` (fields set below: one of them points to its kind)."""
+    """kernels/lora_slots.h's ``struct lora_slots`` (fields set below: one of them points to its kind)."""
 
 
 _LoRASlots._fields_ = [("n_in", _i64), ("num_slices", _i64), ("out_offsets", _ptr),
@@ -36,6 +39,15 @@ def kernel() -> Callable[..., None] | None:
     module = kernels.load("bgmv", "_loraplex_bgmv", DISABLE_ENV)
     # The call keeps the GIL: it lasts microseconds, less than a release and re-take.
     return None if module is None else module.add
+
+
+@cache
+def wide_kernel() -> Callable[..., None] | None:
+    """sgmv.c's ``add``, or None where it cannot be built or the CPU lacks AVX512-BF16."""
+    if kernel() is None:  # off, or no compiler: logged there
+        return None
+    module = kernels.load("sgmv", "_loraplex_sgmv", DISABLE_ENV)
+    return None if module is None or not module.SUPPORTED else module.add
 
 
 def can_use(x_dtype: torch.dtype, device: torch.device) -> bool:
@@ -62,6 +74,7 @@ class KernelSlots:
                                   torch.get_num_threads())
         self._address = ctypes.addressof(self._struct)
         self._fn = kernel()
+        self._wide_fn = wide_kernel()
         self._next: KernelSlots | None = None
 
     def run_before(self, other: "KernelSlots") -> None:
@@ -82,6 +95,16 @@ class KernelSlots:
             raise ValueError("LoRA kernel: the output must be contiguous (it is added in place)")
         self._fn(self._address, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
                  x.shape[1], out.data_ptr(), out.shape[1], alpha)
+
+    def add_wide(self, out: torch.Tensor, x: torch.Tensor, tokens: "KernelTokens", alpha: float) -> None:
+        """``add`` for long runs of one slot (prefill chunks), by sgmv.c; only where
+        ``wide_kernel()`` is not None. Each slot's rows must be adjacent in ``tokens``."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if not out.is_contiguous():
+            raise ValueError("LoRA kernel: the output must be contiguous (it is added in place)")
+        self._wide_fn(self._address, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
+                      x.shape[1], out.data_ptr(), out.shape[1], alpha)
 
 
 class KernelTokens:

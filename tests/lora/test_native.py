@@ -1,5 +1,6 @@
-"""kernels/bgmv.c through lora/native.py: the CPU kernel that serves bf16 decode tokens,
-against the per-token oracle, and the torch fallback when it cannot be built."""
+"""kernels/bgmv.c and kernels/sgmv.c through lora/native.py: the CPU kernels that serve bf16
+decode tokens and prefill runs, against the per-token oracle, and the torch fallback when
+they cannot be built."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ import torch
 from loraplex import kernels
 from loraplex.lora import native
 from loraplex.lora.layers import LoRAStack, slot_dtype
-from loraplex.lora.ops import WIDE_ROWS, LoRAMapping, add_lora_reference
+from loraplex.lora.ops import SGMV_ROWS, LoRAMapping, add_lora_reference
 from tests.lora.test_ops import (CPU, IN_FEATURES, MIXES, SLICE_OUTS, SLOT_RANKS, TOLERANCE,
                                  dense_delta, make_stack, shuffled)
 
@@ -30,8 +31,9 @@ def inputs(n: int, in_features: int, out_features: int, seed: int
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_kernel_equals_reference(mix: str, num_slices: int) -> None:
     """Every mix of slots and ranks (1, 4, 8, 16; runs of one slot longer and shorter than a
-    tile of 4; in = 48, so the products' vector tails too): the kernel takes the narrow
-    groups, torch the wide ones, and the sum is the oracle's within bf16 rounding."""
+    tile of 4; in = 48, so the products' vector tails too): bgmv takes the slots of few
+    tokens, sgmv those of SGMV_ROWS or more (ranks 1, 4 and 8, 33 to 70 tokens), and the
+    sum is the oracle's within bf16 rounding."""
     seed = list(MIXES).index(mix) * 10 + num_slices
     stack, weights = make_stack(SLICE_OUTS[num_slices], torch.bfloat16, seed)
     assert stack.kernel is not None
@@ -39,12 +41,18 @@ def test_kernel_equals_reference(mix: str, num_slices: int) -> None:
     x, base = inputs(len(token_slots), IN_FEATURES, stack.out_features, seed)
     mapping = LoRAMapping.build(token_slots, SLOT_RANKS, CPU)
     (p,) = mapping.passes
-    narrow = [t for t, s in enumerate(token_slots) if s >= 0
-              and not any(t in g.rows.tolist() for g in p.wide_groups)]
-    rows = [] if p.narrow is None else p.narrow.rows.tolist()
-    assert sorted(rows) == narrow
-    if rows:
-        assert p.narrow.slots.tolist() == [token_slots[t] for t in rows]
+    assert native.wide_kernel() is None or not p.wide_groups
+    counts = {s: token_slots.count(s) for s in set(token_slots)}
+    for tokens, expected in ((p.narrow, [t for t, s in enumerate(token_slots) if s >= 0
+                                         and counts[s] < SGMV_ROWS]),
+                             (p.wide, [t for t, s in enumerate(token_slots) if s >= 0
+                                       and counts[s] >= SGMV_ROWS])):
+        if native.wide_kernel() is None:
+            break  # the torch split, tested in test_ops.py
+        rows = [] if tokens is None else tokens.rows.tolist()
+        assert sorted(rows) == expected
+        if rows:
+            assert tokens.slots.tolist() == [token_slots[t] for t in rows]
 
     fast = base.clone()
     stack.apply(fast, x, mapping)
@@ -130,11 +138,65 @@ def test_kernel_skips_slots_that_do_not_target_the_projection() -> None:
     assert not torch.equal(out[1], base[1])
 
 
-def test_wide_groups_stay_on_torch_products() -> None:
-    mapping = LoRAMapping.build([0] * WIDE_ROWS + [1, -1], {0: 4, 1: 8}, CPU)
+def test_slots_of_many_tokens_go_to_the_wide_kernel() -> None:
+    token_slots = [0] * SGMV_ROWS + [1] * (SGMV_ROWS - 1) + [2, -1]
+    (p,) = LoRAMapping.build(token_slots, {0: 4, 1: 4, 2: 8}, CPU).passes
+    if native.wide_kernel() is None:  # without AVX512-BF16: the torch split
+        assert p.wide is None and p.narrow.rows.tolist() == list(range(2 * SGMV_ROWS))
+        return
+    assert p.wide.rows.tolist() == list(range(SGMV_ROWS)) and set(p.wide.slots.tolist()) == {0}
+    assert p.narrow.rows.tolist() == list(range(SGMV_ROWS, 2 * SGMV_ROWS))
+    assert p.narrow.slots.tolist() == [1] * (SGMV_ROWS - 1) + [2]
+    assert p.wide_groups == []
+
+
+WIDE_SHAPES = {  # in, slice outputs, rank
+    "default_model_qkv": (576, [576, 200, 192], 16),  # 200: a 16-column tail in a slice
+    "odd_everything": (97, [50, 7], 3),  # an input column without a partner, an odd rank
+    "default_model_down": (1536, [576], 16),
+}
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+@pytest.mark.parametrize("shape", list(WIDE_SHAPES))
+def test_wide_kernel_on_prefill_runs(shape: str, num_threads: int) -> None:
+    """Two prefill runs of different slots, their rows interleaved with base rows (a
+    gather, and a last block of fewer than 8 rows), on 1 or 3 threads (uneven shares):
+    sgmv's sums are the oracle's within bf16 rounding, base rows are untouched, and
+    alpha -1 (a merged adapter's delta taken out) undoes alpha +1 up to rounding."""
+    if native.wide_kernel() is None:
+        pytest.skip("no AVX512-BF16: prefill runs use torch products (tested in test_ops.py)")
+    in_features, outs, rank = WIDE_SHAPES[shape]
+    g = torch.Generator().manual_seed(11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)  # the kernel's team size is read when slots are made
+    try:
+        stack = LoRAStack(tuple(f"s{i}" for i in range(len(outs))), in_features, outs,
+                          max_loras=3, max_rank=rank, dtype=torch.bfloat16, device=CPU)
+    finally:
+        torch.set_num_threads(before)
+    for slot in (1, 2):
+        stack.load(slot, rank, {name: (torch.randn(rank, in_features, generator=g) / in_features ** 0.5,
+                                       torch.randn(out, rank, generator=g) / 4)
+                                for name, out in zip(stack.slice_names, outs)})
+    token_slots = shuffled({-1: 9, 1: 70, 2: SGMV_ROWS + 3}, in_features)
+    x, base = inputs(len(token_slots), in_features, sum(outs), rank)
+    mapping = LoRAMapping.build(token_slots, {1: rank, 2: rank}, CPU)
     (p,) = mapping.passes
-    assert [g.slots for g in p.wide_groups] == [[0]]
-    assert p.narrow.rows.tolist() == [WIDE_ROWS] and p.narrow.slots.tolist() == [1]
+    assert p.narrow is None and p.wide is not None
+    out = base.clone()
+    stack.apply(out, x, mapping)
+    reference = base.clone()
+    add_lora_reference(reference, x, token_slots, {1: rank, 2: rank}, stack.a_flat,
+                       stack.b_flat, outs)
+    torch.testing.assert_close(out, reference, **TOLERANCE[torch.bfloat16])
+    rows = [t for t, s in enumerate(token_slots) if s >= 0]
+    base_rows = [t for t, s in enumerate(token_slots) if s < 0]
+    assert torch.equal(out[base_rows], base[base_rows])
+    assert (out.float() - base.float()).abs().amax(dim=1)[rows].min() > 0.05
+
+    stack.kernel.add_wide(out, x, p.wide, -1.0)
+    torch.testing.assert_close(out, base, atol=0.1, rtol=0.02)
 
 
 @pytest.fixture
@@ -142,8 +204,10 @@ def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """kernel() built anew under a scratch LORAPLEX_HOME; the cached one restored after."""
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
     native.kernel.cache_clear()
+    native.wide_kernel.cache_clear()
     yield tmp_path
     native.kernel.cache_clear()
+    native.wide_kernel.cache_clear()
 
 
 def test_kernel_is_built_once_into_loraplex_home(fresh_kernel) -> None:
@@ -159,10 +223,12 @@ def test_kernel_is_built_once_into_loraplex_home(fresh_kernel) -> None:
 
 
 def test_portable_build_equals_reference(fresh_kernel, monkeypatch) -> None:
-    """The kernel built without AVX512-BF16 (plain vector code, as on CPUs without it)."""
+    """The kernels built without AVX512-BF16, as on CPUs without it: bgmv runs plain vector
+    code, sgmv says it is not supported, and prefill runs go to torch products."""
     if "avx512_bf16" not in kernels.cpu_features():
         pytest.skip("this CPU runs the portable path already (the tests above)")
     monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx512bf16"])
+    assert native.kernel() is not None and native.wide_kernel() is None
     test_kernel_equals_reference("all_of_it", 3)
     test_kernel_at_model_sizes_and_negative_alpha()
 
@@ -174,7 +240,7 @@ def test_without_the_kernel_lora_falls_back_to_torch(fresh_kernel, monkeypatch, 
     else:
         monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
     with caplog.at_level(logging.WARNING, logger="loraplex.kernels"):
-        assert native.kernel() is None
+        assert native.kernel() is None and native.wide_kernel() is None
     assert not native.can_use(torch.bfloat16, CPU)
     assert slot_dtype(torch.bfloat16, CPU) == torch.float32  # the fast torch path's dtype
     if how == "compiler fails":
