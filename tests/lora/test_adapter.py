@@ -161,6 +161,87 @@ def refused(folder: Path, arch: ModelArch, *expected: str, max_lora_rank: int = 
     return message
 
 
+READ_PATHS = ["page cache", "disk, direct", "disk, buffered", "half cached, then direct",
+              "direct refused on read"]
+
+
+@pytest.mark.parametrize("path", READ_PATHS)
+def test_every_read_path_gives_the_same_adapter(path: str, good_adapter: Path, tmp_path: Path,
+                                                tiny_arch: ModelArch,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights file is copied from the page cache where it is there, read with O_DIRECT
+    into a page-aligned buffer where it is not, and through the page cache where direct
+    reads cannot be used (a bytearray buffer; a read refused with EINVAL): the bytes, and
+    so the hash and the tensors, are the same on every path."""
+    import mmap
+    import os
+
+    from loraplex.bench.measure import drop_from_page_cache
+
+    folder = shutil.copytree(good_adapter, tmp_path / "adapter")
+    size = (folder / WEIGHTS_FILE).stat().st_size
+    assert size > 3 * 4096  # several blocks: the half-cached case starts mid-file
+    direct_flag = getattr(os, "O_DIRECT", 0)
+    try:
+        os.close(os.open(folder / WEIGHTS_FILE, os.O_RDONLY | direct_flag))
+    except OSError:
+        direct_flag = 0
+    if path != "page cache" and not direct_flag:
+        pytest.skip("no O_DIRECT on this filesystem")
+    if path != "page cache":
+        drop_from_page_cache(folder)
+    if path == "half cached, then direct":
+        with open(folder / WEIGHTS_FILE, "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead
+            f.read(size // 2 + 100)  # a cached prefix that ends inside a block
+
+    opened_direct, refusals = [], []
+    real_open, real_preadv = os.open, os.preadv
+
+    def spy_open(file: Any, flags: int, *args: Any) -> int:
+        fd = real_open(file, flags, *args)
+        if flags & direct_flag:
+            opened_direct.append(fd)
+        return fd
+
+    cached_copies = []  # bytes each read that does not wait for the disk returned
+    direct_reads = []  # bytes each successful O_DIRECT read returned
+
+    def spy_preadv(fd: int, buffers: Any, offset: int, *flags: Any) -> int:
+        if path == "direct refused on read" and fd in opened_direct and not refusals:
+            refusals.append(offset)
+            raise OSError(22, "Invalid argument")
+        try:
+            got = real_preadv(fd, buffers, offset, *flags)
+        except BlockingIOError:
+            got = 0
+            raise
+        finally:
+            if flags:
+                cached_copies.append(got)
+        if fd in opened_direct:
+            direct_reads.append(got)
+        return got
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "preadv", spy_preadv)
+    buffer_for = bytearray if path == "disk, buffered" else (lambda n: memoryview(mmap.mmap(-1, n)))
+    adapter = load_adapter(folder, tiny_arch, 8, buffer_for=buffer_for)
+
+    assert bool(opened_direct) == (path not in ("page cache", "disk, buffered"))
+    assert bool(direct_reads) == (path in ("disk, direct", "half cached, then direct"))
+    assert bool(refusals) == (path == "direct refused on read")
+    (copied,) = cached_copies
+    if path == "half cached, then direct":  # whole pages: up to one past the prefix read
+        assert size // 2 + 100 <= copied < size
+    else:
+        assert copied == (size if path == "page cache" else 0)
+    reference = load_adapter(good_adapter, tiny_arch, 8)
+    assert adapter.content_hash == reference.content_hash
+    for key, w in reference.modules.items():
+        assert torch.equal(adapter.modules[key].a, w.a) and torch.equal(adapter.modules[key].b, w.b)
+
+
 @pytest.fixture
 def bad(good_adapter: Path, tmp_path: Path) -> Path:
     return shutil.copytree(good_adapter, tmp_path / "bad_adapter")
