@@ -9,6 +9,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -149,7 +150,7 @@ class LLMEngine:
         if batch.is_empty:
             if failed or not self.has_unfinished_requests():
                 return failed
-            time.sleep(0.001)  # only adapter loads are in flight
+            self._wait_for_adapter_loads()
             return failed
         if self.auto_merge is not None:
             self._auto_merge_step(batch)
@@ -230,6 +231,17 @@ class LLMEngine:
         if adapter is not None:
             self._merge(adapter)
         self.auto_merge.switched()
+
+    def _wait_for_adapter_loads(self, timeout_s: float = 0.005) -> None:
+        """Nothing to run but adapter loads: wait until one finishes (or ``timeout_s``, so
+        a caller stepping in a loop still sees new requests soon), with the GIL let go.
+        Polling instead took the GIL from the loading thread every millisecond."""
+        loads = [seq.lora_load for seq in self.scheduler.waiting
+                 if seq.lora_load is not None and not seq.lora_load.done()]
+        if loads:
+            wait(loads, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        else:
+            time.sleep(0.001)
 
     def _collect_adapter_loads(self) -> list[RequestOutput]:
         """Hand finished adapter loads to their waiting sequences; fail those whose
