@@ -9,8 +9,10 @@ serve is refused here, at load, with the path, the field and the value.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import json
 import math
+import mmap
 import os
 import re
 import threading
@@ -47,6 +49,10 @@ _TENSOR_RE = re.compile(
 # back waits up to the switch interval (5 ms) for whichever thread holds it, so passing
 # 4 MB chunks from a reading thread to a hashing one cost more than the overlap saved.
 _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-read")
+# Bytes read for the safetensors header before its length is known: an all-linear adapter
+# of a 30-layer model has a ~40 KB header; a second read (a disk's latency) fetches the rest.
+_HEADER_GUESS = 128 << 10
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # for mincore
 
 
 class AdapterError(ValueError):
@@ -147,21 +153,22 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
 
     reading.result()  # every byte is in
     _check_finite(tensors, float32_data, fail)
-    digest = hashing.result()  # before B changes the bytes it reads
     f32 = torch.float32  # a float32 tensor stays a view into the buffer
-    modules = {key: LoRAModuleWeights(a=a.to(f32), b=_scaled(b.to(f32), scaling), rank=r, scaling=scaling)
+    modules = {key: LoRAModuleWeights(a=a.to(f32), b=b.to(f32), rank=r, scaling=scaling)
                for key, a, b, r, scaling in scaled}
+    digest = hashing.result()  # before B changes the bytes it reads
+    for w in modules.values():
+        _scale(w.b, w.scaling)  # now w.b is what LoRAModuleWeights says
     num_bytes = sum(t.numel() * t.element_size() for w in modules.values() for t in (w.a, w.b))
     return LoRAAdapter(name or folder.name, folder, digest,
                        max(w.rank for w in modules.values()), modules, num_bytes)
 
 
-def _scaled(b: torch.Tensor, scaling: float) -> torch.Tensor:
+def _scale(b: torch.Tensor, scaling: float) -> None:
     """b *= scaling in place (float32), through numpy: a torch op from the loading thread
     costs ~20 us of dispatch per tensor (210 of them in an all-linear adapter of the default
     model) and may start an OpenMP team beside the engine's."""
     b.numpy().__imul__(np.float32(scaling))
-    return b
 
 
 def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
@@ -194,7 +201,7 @@ def _start_reading(folder: Path, config_bytes: bytes,
     reader = _FileReader(file, buffer_for, fail)
     try:
         view = reader.data
-        reader.read_to(min(len(view), 8))
+        reader.read_to(min(len(view), _HEADER_GUESS))  # one read, most often
         reader.read_to(min(len(view), 8 + int.from_bytes(view[:8], "little")))  # the header
     except BaseException:
         reader.close()
@@ -254,21 +261,12 @@ class _FileReader:
             self._buffer = memoryview(buffer_for(self._whole_blocks(size)))
             self.data = self._buffer[:size]
             if size:
-                self._copy_cached()
+                self.read_to(_cached_prefix(self._fd, size))
                 if self._done < size and _address(self._buffer) % self.BLOCK == 0:
                     self._reopen_direct()
         except BaseException:
             self.close()
             raise
-
-    def _copy_cached(self) -> None:
-        """Copy the file's first bytes that the page cache holds (one call that does not
-        wait for the disk; it stops at the first missing page)."""
-        try:
-            got = os.preadv(self._fd, [self.data], 0, os.RWF_NOWAIT)
-        except (OSError, AttributeError):  # nothing cached (EAGAIN), or no RWF_NOWAIT here
-            return
-        self._done = got
 
     def _reopen_direct(self) -> None:
         direct = getattr(os, "O_DIRECT", 0)
@@ -307,6 +305,24 @@ class _FileReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _cached_prefix(fd: int, size: int) -> int:
+    """How many of the file's first bytes the page cache holds, in whole pages (0 where
+    it cannot tell). mincore on a mapping of the file asks without reading: a read that
+    must not wait (RWF_NOWAIT) still starts the kernel's readahead of the rest."""
+    try:
+        with mmap.mmap(fd, size, access=mmap.ACCESS_COPY) as mapping:  # private: writable view, no I/O
+            start = ctypes.c_char.from_buffer(mapping)
+            resident = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+            failed = _LIBC.mincore(ctypes.byref(start), ctypes.c_size_t(size), resident)
+            del start  # the mapping closes only without exports
+    except (OSError, ValueError, AttributeError):
+        return 0
+    if failed:
+        return 0
+    pages = bytes(resident).find(0)  # the low bit of each byte: that page is resident
+    return size if pages < 0 else pages * mmap.PAGESIZE
 
 
 def _address(buffer: memoryview) -> int:

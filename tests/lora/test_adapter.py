@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex.lora import adapter as adapter_module
 from loraplex.lora.adapter import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoRAAdapter,
                                    load_adapter)
 from loraplex.models.llama import ModelArch
@@ -169,10 +170,10 @@ READ_PATHS = ["page cache", "disk, direct", "disk, buffered", "half cached, then
 def test_every_read_path_gives_the_same_adapter(path: str, good_adapter: Path, tmp_path: Path,
                                                 tiny_arch: ModelArch,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The weights file is copied from the page cache where it is there, read with O_DIRECT
-    into a page-aligned buffer where it is not, and through the page cache where direct
-    reads cannot be used (a bytearray buffer; a read refused with EINVAL): the bytes, and
-    so the hash and the tensors, are the same on every path."""
+    """The weights file is copied from the page cache as far as it holds the file's start,
+    read with O_DIRECT into a page-aligned buffer from there, and through the page cache
+    where direct reads cannot be used (a bytearray buffer; a read refused with EINVAL): the
+    bytes, and so the hash and the tensors, are the same on every path."""
     import mmap
     import os
 
@@ -204,38 +205,32 @@ def test_every_read_path_gives_the_same_adapter(path: str, good_adapter: Path, t
             opened_direct.append(fd)
         return fd
 
-    cached_copies = []  # bytes each read that does not wait for the disk returned
-    direct_reads = []  # bytes each successful O_DIRECT read returned
+    buffered_reads, direct_reads = [], []  # bytes each successful read returned
 
     def spy_preadv(fd: int, buffers: Any, offset: int, *flags: Any) -> int:
         if path == "direct refused on read" and fd in opened_direct and not refusals:
             refusals.append(offset)
             raise OSError(22, "Invalid argument")
-        try:
-            got = real_preadv(fd, buffers, offset, *flags)
-        except BlockingIOError:
-            got = 0
-            raise
-        finally:
-            if flags:
-                cached_copies.append(got)
-        if fd in opened_direct:
-            direct_reads.append(got)
+        got = real_preadv(fd, buffers, offset, *flags)
+        (direct_reads if fd in opened_direct else buffered_reads).append(got)
         return got
 
     monkeypatch.setattr(os, "open", spy_open)
     monkeypatch.setattr(os, "preadv", spy_preadv)
+    # A file this small would come in whole with the header's first read: read 8 bytes
+    # there instead, so the header and the rest (on the reading thread) are reads of their own.
+    monkeypatch.setattr(adapter_module, "_HEADER_GUESS", 8)
     buffer_for = bytearray if path == "disk, buffered" else (lambda n: memoryview(mmap.mmap(-1, n)))
     adapter = load_adapter(folder, tiny_arch, 8, buffer_for=buffer_for)
 
     assert bool(opened_direct) == (path not in ("page cache", "disk, buffered"))
-    assert bool(direct_reads) == (path in ("disk, direct", "half cached, then direct"))
     assert bool(refusals) == (path == "direct refused on read")
-    (copied,) = cached_copies
+    direct, buffered = sum(direct_reads), sum(buffered_reads)
+    assert direct + buffered >= size
     if path == "half cached, then direct":  # whole pages: up to one past the prefix read
-        assert size // 2 + 100 <= copied < size
+        assert size // 2 + 100 <= buffered < size and direct > 0
     else:
-        assert copied == (size if path == "page cache" else 0)
+        assert direct == (size if path == "disk, direct" else 0)
     reference = load_adapter(good_adapter, tiny_arch, 8)
     assert adapter.content_hash == reference.content_hash
     for key, w in reference.modules.items():
