@@ -68,9 +68,17 @@ class SpareBuffer:
     def refill(self) -> None:
         """Prepare a buffer the size of the last file (plus slack) unless one is ready."""
         if self._buffer is None and self._size:
-            buffer = mmap.mmap(-1, self._size + self.SLACK)
-            # Touch every page now; ctypes lets the GIL go for the call.
-            ctypes.memset((ctypes.c_char * len(buffer)).from_buffer(buffer), 0, len(buffer))
+            size = self._size + self.SLACK
+            if hasattr(mmap, "MAP_POPULATE"):  # the kernel faults every page in, in one call
+                # (GIL let go): 8-19 ms for 19.6 MB here, where touching them took 15-57 ms.
+                # It runs beside the engine's slot copy of the adapter just loaded, which the
+                # touching slowed from 8 ms to up to 35.
+                buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                   | mmap.MAP_POPULATE)
+            else:
+                buffer = mmap.mmap(-1, size)
+                # Touch every page now; ctypes lets the GIL go for the call.
+                ctypes.memset((ctypes.c_char * size).from_buffer(buffer), 0, size)
             self._buffer = buffer
 
 
