@@ -321,8 +321,8 @@ def _cached_prefix(fd: int, size: int) -> int:
         return 0
     if failed:
         return 0
-    pages = bytes(resident).find(0)  # the low bit of each byte: that page is resident
-    return size if pages < 0 else pages * mmap.PAGESIZE
+    missing = np.flatnonzero((np.frombuffer(resident, dtype=np.uint8) & 1) == 0)  # low bit: resident
+    return size if missing.size == 0 else int(missing[0]) * mmap.PAGESIZE
 
 
 def _address(buffer: memoryview) -> int:
