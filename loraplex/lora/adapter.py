@@ -102,8 +102,8 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
     """Read, validate and hash a PEFT folder. The weights file is read once into a private
     buffer, ``buffer_for(file size rounded up to 4 KiB)``, that the returned tensors view
     (float32 files: no copy); each lora_B is scaled in place there, after the hash of the
-    file's bytes is taken. Only the values wait for the read to finish: names, shapes and ranks are
-    checked while it runs."""
+    file's bytes is taken. Only the values wait for the read to finish: names, shapes and
+    ranks are checked while it runs."""
     folder = Path(path)
 
     def fail(field: str, value: Any, why: str) -> AdapterError:

@@ -75,7 +75,7 @@ class LoRAStack:
                 if p.narrow is not None:
                     self.kernel.add(out, x, p.narrow, p.alpha)
                 if p.wide is not None:
-                    self.kernel.add_wide(out, x, p.wide, p.alpha)
+                    self.kernel.add(out, x, p.wide, p.alpha, wide=True)
                 if not p.wide_groups:  # nothing left for torch, nothing to build
                     continue
                 groups = p.wide_groups

@@ -83,28 +83,22 @@ class KernelSlots:
         self._next = other
         self._struct.next = ctypes.pointer(other._struct)
 
-    def add(self, out: torch.Tensor, x: torch.Tensor, tokens: "KernelTokens", alpha: float) -> None:
+    def add(self, out: torch.Tensor, x: torch.Tensor, tokens: "KernelTokens", alpha: float,
+            wide: bool = False) -> None:
         """out[t] += alpha * B_s (A_s x[t]) for the tokens t of ``tokens`` and their slots s;
-        in place. out: [N, out] bf16, contiguous (a fresh projection output); x: [N, in] bf16.
-        Kept to a few tensor calls: on a decode step each Python-level operation costs
-        several times its usual time, as the base products between them evict the caches.
-        Raises MemoryError if the kernel's scratch memory cannot grow."""
+        in place, by bgmv.c, or with ``wide`` by sgmv.c (long runs of one slot: prefill
+        chunks; only where ``wide_kernel()`` is not None). out: [N, out] bf16, contiguous (a
+        fresh projection output); x: [N, in] bf16. Kept to a few tensor calls: on a decode
+        step each Python-level operation costs several times its usual time, as the base
+        products between them evict the caches. Raises MemoryError if the kernel's scratch
+        memory cannot grow."""
         if not x.is_contiguous():
             x = x.contiguous()
         if not out.is_contiguous():
             raise ValueError("LoRA kernel: the output must be contiguous (it is added in place)")
-        self._fn(self._address, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
-                 x.shape[1], out.data_ptr(), out.shape[1], alpha)
-
-    def add_wide(self, out: torch.Tensor, x: torch.Tensor, tokens: "KernelTokens", alpha: float) -> None:
-        """``add`` for long runs of one slot (prefill chunks), by sgmv.c; only where
-        ``wide_kernel()`` is not None. Each slot's rows must be adjacent in ``tokens``."""
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if not out.is_contiguous():
-            raise ValueError("LoRA kernel: the output must be contiguous (it is added in place)")
-        self._wide_fn(self._address, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
-                      x.shape[1], out.data_ptr(), out.shape[1], alpha)
+        (self._wide_fn if wide else self._fn)(
+            self._address, tokens.count, tokens.rows_ptr, tokens.slots_ptr, x.data_ptr(),
+            x.shape[1], out.data_ptr(), out.shape[1], alpha)
 
 
 class KernelTokens:

@@ -195,7 +195,7 @@ def test_wide_kernel_on_prefill_runs(shape: str, num_threads: int) -> None:
     assert torch.equal(out[base_rows], base[base_rows])
     assert (out.float() - base.float()).abs().amax(dim=1)[rows].min() > 0.05
 
-    stack.kernel.add_wide(out, x, p.wide, -1.0)
+    stack.kernel.add(out, x, p.wide, -1.0, wide=True)
     torch.testing.assert_close(out, base, atol=0.1, rtol=0.02)
 
 
