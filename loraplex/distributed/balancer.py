@@ -7,6 +7,9 @@ Serve calls ``choose_replicas`` once per routing attempt. We gather what the dec
   on send, -1 on completion, and the replica's own count when it answers); a missing or
   stale entry, or one that says "full", is probed on the replica (as Serve's default
   router does, so a full replica that drained is seen again);
+- plus the requests this router chose a replica for and Serve has not sent yet: Serve
+  asks for several requests at once, and each answer would otherwise see the queues
+  before the others' sends (a burst of 8 for one adapter once went whole to its holder);
 - holders of the adapter from each replica's reported multiplexed model ids, plus the
   replicas a request for it was routed to in the last ``RECENT_HOLDER_S``: a replica
   reports a new adapter only a moment after loading starts, and until then a burst for
@@ -31,6 +34,7 @@ from loraplex.distributed.affinity import ReplicaLoad, choose_replica
 logger = logging.getLogger(__name__)
 
 RECENT_HOLDER_S = 2.0  # longer than Serve takes to report a load (0.1 s push + long poll)
+UNSENT_S = 1.0  # a choice Serve has not confirmed as sent by then is no longer counted
 
 
 class AdapterAffinityRouter(RequestRouter):
@@ -47,6 +51,8 @@ class AdapterAffinityRouter(RequestRouter):
         self._rng = random.Random()
         # adapter id -> replica -> when a request for it was last routed there
         self._recently_routed: defaultdict[str, dict[ReplicaID, float]] = defaultdict(dict)
+        # id(pending request) -> (the replica chosen for it, when), until Serve sends it
+        self._unsent: dict[int, tuple[ReplicaID, float]] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -56,8 +62,9 @@ class AdapterAffinityRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         adapter_id = pending_request.metadata.multiplexed_model_id if pending_request else ""
         queue_lens = await self._queue_lens(candidate_replicas)
-        loads = [ReplicaLoad(r.replica_id, queue_lens[r.replica_id], r.max_ongoing_requests,
-                             len(r.multiplexed_model_ids))
+        unsent = self._unsent_counts(pending_request)
+        loads = [ReplicaLoad(r.replica_id, queue_lens[r.replica_id] + unsent[r.replica_id],
+                             r.max_ongoing_requests, len(r.multiplexed_model_ids))
                  for r in candidate_replicas if r.replica_id in queue_lens]
         holders = ({r.replica_id for r in candidate_replicas
                     if adapter_id in r.multiplexed_model_ids} | self._recent_holders(adapter_id)
@@ -67,6 +74,8 @@ class AdapterAffinityRouter(RequestRouter):
             return []  # every replica full or silent: Serve backs off and asks again
         logger.debug("request for %r -> %s (%s)", adapter_id or "base", choice.replica_id,
                      choice.reason.value)
+        if pending_request is not None:
+            self._unsent[id(pending_request)] = (choice.replica_id, time.monotonic())
         chosen = [r for r in candidate_replicas if r.replica_id == choice.replica_id]
         rest = [r for r in candidate_replicas if r.replica_id != choice.replica_id]
         # If the chosen one turns out full by the time Serve sends, the least loaded of
@@ -75,9 +84,22 @@ class AdapterAffinityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
+        self._unsent.pop(id(pending_request), None)  # sent: the queue length cache has it
         adapter_id = pending_request.metadata.multiplexed_model_id
         if adapter_id:
             self._recently_routed[adapter_id][replica_id] = time.monotonic()
+
+    def _unsent_counts(self, pending_request: PendingRequest | None) -> defaultdict[ReplicaID, int]:
+        """Per replica, the requests chosen for it and not sent yet, ``pending_request``
+        aside (a retry of it is chosen anew); older choices than UNSENT_S are dropped."""
+        now = time.monotonic()
+        for key in [k for k, (_, at) in self._unsent.items() if now - at > UNSENT_S]:
+            del self._unsent[key]
+        counts: defaultdict[ReplicaID, int] = defaultdict(int)
+        for key, (replica_id, _) in self._unsent.items():
+            if pending_request is None or key != id(pending_request):
+                counts[replica_id] += 1
+        return counts
 
     def _recent_holders(self, adapter_id: str) -> set[ReplicaID]:
         routed = self._recently_routed.get(adapter_id)
