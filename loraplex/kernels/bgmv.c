@@ -265,14 +265,9 @@ static int lora_bgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *
  * alpha a float; raises MemoryError when the scratch memory cannot grow. */
 static PyObject *py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_Format(PyExc_TypeError, "add() takes 9 arguments, got %zd", nargs);
-        return NULL;
-    }
     int64_t v[8];
-    if (int64_args(args, 8, v)) return NULL;
-    const double alpha = PyFloat_AsDouble(args[8]);
-    if (alpha == -1.0 && PyErr_Occurred()) return NULL;
+    double alpha;
+    if (fastcall_args("add", args, nargs, 9, 8, v, &alpha)) return NULL;
     if (lora_bgmv_bf16((const struct lora_slots *)(intptr_t)v[0], v[1], (const int32_t *)(intptr_t)v[2],
                        (const int32_t *)(intptr_t)v[3], (const uint16_t *)(intptr_t)v[4], v[5],
                        (uint16_t *)(intptr_t)v[6], v[7], (float)alpha))

@@ -70,11 +70,24 @@ static inline float hsum(f32v v) {
     return v[0];
 }
 
-/* The int64 values of n Python ints (addresses, sizes): 0, or -1 with the error set. */
-static inline int int64_args(PyObject *const *args, int n, int64_t *out) {
-    for (int i = 0; i < n; i++) {
-        out[i] = PyLong_AsLongLong(args[i]);
-        if (out[i] == -1 && PyErr_Occurred()) return -1;
+/* A METH_FASTCALL entry point's arguments: exactly ``want`` of them, all Python ints
+ * (addresses, sizes) stored in order in ``ints``, except the one at ``float_at`` (-1: none),
+ * a float, stored in ``*f``. Returns 0, or -1 with the error set. */
+static inline int fastcall_args(const char *name, PyObject *const *args, Py_ssize_t nargs,
+                                Py_ssize_t want, Py_ssize_t float_at, int64_t *ints, double *f) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments, got %zd", name, want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        if (i == float_at) {
+            *f = PyFloat_AsDouble(args[i]);
+            if (*f == -1.0 && PyErr_Occurred()) return -1;
+            continue;
+        }
+        *ints = PyLong_AsLongLong(args[i]);
+        if (*ints == -1 && PyErr_Occurred()) return -1;
+        ints++;
     }
     return 0;
 }

@@ -96,14 +96,9 @@ static int attend(int64_t b, int64_t h, const uint16_t *q, const uint16_t *k_cac
  * MemoryError when the scratch memory cannot grow. */
 static PyObject *py_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 13) {
-        PyErr_Format(PyExc_TypeError, "decode() takes 13 arguments, got %zd", nargs);
-        return NULL;
-    }
     int64_t v[12];
-    if (int64_args(args, 12, v)) return NULL;
-    const double scale = PyFloat_AsDouble(args[12]);
-    if (scale == -1.0 && PyErr_Occurred()) return NULL;
+    double scale;
+    if (fastcall_args("decode", args, nargs, 13, 12, v, &scale)) return NULL;
     const uint16_t *q = (const uint16_t *)(intptr_t)v[0], *k_cache = (const uint16_t *)(intptr_t)v[1];
     const uint16_t *v_cache = (const uint16_t *)(intptr_t)v[2];
     const int64_t *slots = (const int64_t *)(intptr_t)v[3], *lens = (const int64_t *)(intptr_t)v[5];

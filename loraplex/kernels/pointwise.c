@@ -98,14 +98,10 @@ static void silu_mul_row(const uint16_t *gu, uint16_t *out, int64_t n) {
  * pointers as ints (residual 0 for none), rows [rows, d] contiguous. */
 static PyObject *py_add_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 8) {
-        PyErr_Format(PyExc_TypeError, "add_rms_norm() takes 8 arguments, got %zd", nargs);
-        return NULL;
-    }
-    int64_t v[6], threads;
-    if (int64_args(args, 6, v) || int64_args(args + 7, 1, &threads)) return NULL;
-    const double eps = PyFloat_AsDouble(args[6]);
-    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    int64_t v[7];  /* x, residual, weight, out, rows, d, num_threads */
+    double eps;
+    if (fastcall_args("add_rms_norm", args, nargs, 8, 6, v, &eps)) return NULL;
+    const int64_t threads = v[6];
     uint16_t *x = (uint16_t *)(intptr_t)v[0], *out = (uint16_t *)(intptr_t)v[3];
     const uint16_t *res = (const uint16_t *)(intptr_t)v[1], *w = (const uint16_t *)(intptr_t)v[2];
     const int64_t rows = v[4], d = v[5];
@@ -119,12 +115,8 @@ static PyObject *py_add_rms_norm(PyObject *self, PyObject *const *args, Py_ssize
  * out [rows, n] contiguous. */
 static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "silu_mul() takes 5 arguments, got %zd", nargs);
-        return NULL;
-    }
     int64_t v[5];
-    if (int64_args(args, 5, v)) return NULL;
+    if (fastcall_args("silu_mul", args, nargs, 5, -1, v, NULL)) return NULL;
     const uint16_t *gu = (const uint16_t *)(intptr_t)v[0];
     uint16_t *out = (uint16_t *)(intptr_t)v[1];
     const int64_t rows = v[2], n = v[3];

@@ -219,21 +219,17 @@ static int lora_sgmv_bf16(const struct lora_slots *w, int64_t n, const int32_t *
  * arguments of bgmv.c's add; raises MemoryError when scratch memory cannot grow. */
 static PyObject *py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_Format(PyExc_TypeError, "add() takes 9 arguments, got %zd", nargs);
-        return NULL;
-    }
 #ifdef __AVX512BF16__
     int64_t v[8];
-    if (int64_args(args, 8, v)) return NULL;
-    const double alpha = PyFloat_AsDouble(args[8]);
-    if (alpha == -1.0 && PyErr_Occurred()) return NULL;
+    double alpha;
+    if (fastcall_args("add", args, nargs, 9, 8, v, &alpha)) return NULL;
     if (lora_sgmv_bf16((const struct lora_slots *)(intptr_t)v[0], v[1], (const int32_t *)(intptr_t)v[2],
                        (const int32_t *)(intptr_t)v[3], (const uint16_t *)(intptr_t)v[4], v[5],
                        (uint16_t *)(intptr_t)v[6], v[7], (float)alpha))
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
+    (void)args, (void)nargs;
     PyErr_SetString(PyExc_RuntimeError, "sgmv: built without AVX512-BF16 (SUPPORTED is 0)");
     return NULL;
 #endif
