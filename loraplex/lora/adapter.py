@@ -1,7 +1,7 @@
 """Read and validate a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
 
-The result is float32 ``a`` [r, in] and ``b`` [out, r] per (layer, HF projection name), with
-the module's scaling already folded into ``b``, so ``b @ a`` is exactly PEFT's
+The result is float32 ``a`` [r, in] and ``b`` [out, r] per (layer, HF projection name), as
+the file holds them, and the module's ``scaling``: ``(b @ a) * scaling`` is PEFT's
 ``get_delta_weight``. Which modules are targeted and how they are scaled follows PEFT's own
 rules (``check_target_module_exists``, ``get_pattern_key``); everything this engine cannot
 serve is refused here, at load, with the path, the field and the value.
@@ -65,7 +65,7 @@ Fail = Callable[[str, Any, str], AdapterError]
 @dataclass(frozen=True)
 class LoRAModuleWeights:
     a: torch.Tensor  # [r, in_features] float32, from lora_A
-    b: torch.Tensor  # [out_features, r] float32, lora_B already multiplied by `scaling`
+    b: torch.Tensor  # [out_features, r] float32, from lora_B (the delta is scaling * b @ a)
     rank: int
     scaling: float  # lora_alpha / r (or / sqrt(r) with rsLoRA), after rank/alpha_pattern
 
@@ -101,9 +101,9 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
                  buffer_for: Callable[[int], bytearray | memoryview] = bytearray) -> LoRAAdapter:
     """Read, validate and hash a PEFT folder. The weights file is read once into a private
     buffer, ``buffer_for(file size rounded up to 4 KiB)``, that the returned tensors view
-    (float32 files: no copy); each lora_B is scaled in place there, after the hash of the
-    file's bytes is taken. Only the values wait for the read to finish: names, shapes and
-    ranks are checked while it runs."""
+    (float32 files: no copy; the scaling is applied where the weights are used, never to
+    the buffer). Only the values wait for the read to finish: names, shapes and ranks are
+    checked while it runs."""
     folder = Path(path)
 
     def fail(field: str, value: Any, why: str) -> AdapterError:
@@ -126,7 +126,7 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
 
     use_rslora = bool(config.get("use_rslora", False))
     rank_pattern, alpha_pattern = config.get("rank_pattern", {}), config.get("alpha_pattern", {})
-    scaled: list[tuple[tuple[int, str], torch.Tensor, torch.Tensor, int, float]] = []
+    validated: list[tuple[tuple[int, str], torch.Tensor, torch.Tensor, int, float]] = []
     for key, (a, b) in sorted(pairs.items(), key=lambda item: base_keys[item[0]]):
         layer, module = base_keys[key]
         r_key, alpha_key = pattern_key(rank_pattern, key), pattern_key(alpha_pattern, key)
@@ -149,26 +149,17 @@ def load_adapter(path: str | Path, arch: ModelArch, max_lora_rank: int,
         if a.shape[0] != r:
             raise fail(r_field, r, f"disagrees with the rank {a.shape[0]} of the {key} tensors")
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        scaled.append(((layer, module), a, b, r, scaling))
+        validated.append(((layer, module), a, b, r, scaling))
 
     reading.result()  # every byte is in
     _check_finite(tensors, float32_data, fail)
     f32 = torch.float32  # a float32 tensor stays a view into the buffer
     modules = {key: LoRAModuleWeights(a=a.to(f32), b=b.to(f32), rank=r, scaling=scaling)
-               for key, a, b, r, scaling in scaled}
-    digest = hashing.result()  # before B changes the bytes it reads
-    for w in modules.values():
-        _scale(w.b, w.scaling)  # now w.b is what LoRAModuleWeights says
+               for key, a, b, r, scaling in validated}
+    digest = hashing.result()
     num_bytes = sum(t.numel() * t.element_size() for w in modules.values() for t in (w.a, w.b))
     return LoRAAdapter(name or folder.name, folder, digest,
                        max(w.rank for w in modules.values()), modules, num_bytes)
-
-
-def _scale(b: torch.Tensor, scaling: float) -> None:
-    """b *= scaling in place (float32), through numpy: a torch op from the loading thread
-    costs ~20 us of dispatch per tensor (210 of them in an all-linear adapter of the default
-    model) and may start an OpenMP team beside the engine's."""
-    b.numpy().__imul__(np.float32(scaling))
 
 
 def _read_config(folder: Path, fail: Fail) -> tuple[bytes, dict[str, Any]]:
@@ -342,8 +333,8 @@ def _parse_safetensors(data: bytearray | memoryview, fail: Fail
 
     The format: an 8-byte little-endian header length, a JSON header naming each tensor's
     dtype, shape and [begin, end) byte range after the header, then the bytes. Every range
-    is checked against the file before a view is made, and no two may overlap (B is scaled
-    in place: a byte shared by two tensors would be scaled twice).
+    is checked against the file before a view is made, and no two may overlap (the format
+    lays tensors one after another, as the safetensors library checks too).
     """
     def bad(why: str) -> AdapterError:
         return fail(WEIGHTS_FILE, f"{len(data)} bytes", f"is not a valid safetensors file: {why}")

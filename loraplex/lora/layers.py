@@ -1,8 +1,8 @@
 """Preallocated adapter slots of one fused projection (the layout lora/ops.py reads).
 
 Each LoRA-capable projection of the model (qkv_proj, o_proj, gate_up_proj, down_proj of
-every layer) owns one ``LoRAStack``. Loading an adapter into slot s copies its A and B
-(B already scaled), transposed, into the blocks sized by its own rank; everything else in
+every layer) owns one ``LoRAStack``. Loading an adapter into slot s copies its A and its
+B times the module's scaling, transposed, into the blocks sized by its own rank; everything else in
 the slot's used region is zeroed, so slices it does not target contribute nothing.
 """
 from __future__ import annotations
@@ -46,9 +46,11 @@ class LoRAStack:
         # slot -> its (A^T [in, k], B^T [k, out]) views at the loaded rank (lora/ops.py)
         self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def load(self, slot: int, rank: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def load(self, slot: int, rank: int,
+             modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """rank: the slot's rank (the adapter's largest); modules: HF slice name ->
-        (A [r, in], B [out, r] scaled) for this layer, r <= rank (rank_pattern)."""
+        (A [r, in], B [out, r], scaling) for this layer, r <= rank (rank_pattern); B is
+        multiplied by its scaling on its way into the slot (one pass, as a copy costs)."""
         a_t, b_t = slot_views(self.a_flat, self.b_flat, slot, rank, len(self.slice_names),
                               self.in_features, self.out_features)
         a_t.zero_()
@@ -56,9 +58,9 @@ class LoRAStack:
         offset = 0
         for i, (name, size) in enumerate(zip(self.slice_names, self.out_sizes)):
             if name in modules:
-                a, b = modules[name]  # [r_i, in], [size, r_i]
+                a, b, scaling = modules[name]  # [r_i, in], [size, r_i]
                 a_t[:, i * rank:i * rank + a.shape[0]].copy_(a.T)
-                b_t[i * rank:i * rank + b.shape[1], offset:offset + size].copy_(b.T)
+                torch.mul(b.T, scaling, out=b_t[i * rank:i * rank + b.shape[1], offset:offset + size])
             offset += size
         if modules:
             self.weighted_slots.add(slot)
@@ -122,9 +124,9 @@ def attach_lora_stacks(model: LlamaModel, max_loras: int, max_rank: int) -> list
 
 def load_into_slot(stacks: list[dict[str, LoRAStack]], slot: int, adapter: LoRAAdapter) -> None:
     """Copy ``adapter``'s weights into ``slot`` of every projection (cast to the slot dtype)."""
-    by_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in stacks]
+    by_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = [{} for _ in stacks]
     for (layer, module), weights in adapter.modules.items():
-        by_layer[layer][module] = (weights.a, weights.b)
+        by_layer[layer][module] = (weights.a, weights.b, weights.scaling)
     for layer_stacks, modules in zip(stacks, by_layer):
         for stack in layer_stacks.values():
             stack.load(slot, adapter.max_rank,

@@ -1,9 +1,8 @@
 """Merging LoRA adapters into the base weights, exactly, and reversibly in a running engine.
 
 Every use shares one computation. Per base projection the adapters' deltas are summed with
-their weights, ``dW = sum_i w_i * B_i @ A_i`` (B already carries its scaling, see
-lora/adapter.py), added in float32 to the base weight as the checkpoint holds it, and
-rounded once to the target dtype:
+their weights and scalings, ``dW = sum_i w_i * s_i * (B_i @ A_i)`` (PEFT's order), added in
+float32 to the base weight as the checkpoint holds it, and rounded once to the target dtype:
 
 - ``merge_to_folder``: a standalone Hugging Face folder (``loraplex merge``);
 - ``LiveMerge``: adapters merged into the serving model's weights. It keeps the tensors it
@@ -45,10 +44,9 @@ def module_delta(adapters: Sequence[LoRAAdapter], weights: Sequence[float],
             continue
         if delta is None:
             delta = module.b @ module.a
-            if weight != 1.0:
-                delta.mul_(weight)
+            delta.mul_(weight * module.scaling)
         else:
-            delta.addmm_(module.b, module.a, alpha=weight)
+            delta.addmm_(module.b, module.a, alpha=weight * module.scaling)
     return delta
 
 

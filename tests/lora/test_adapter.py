@@ -43,7 +43,7 @@ def assert_matches_peft(adapter: LoRAAdapter, peft_model: Any) -> None:
             assert w.a.dtype == w.b.dtype == torch.float32
             assert w.rank == lora.r["default"] and w.scaling == lora.scaling["default"]
             delta = lora.get_delta_weight("default").to(torch.float32)
-            torch.testing.assert_close(w.b @ w.a, delta, atol=1e-6, rtol=0)
+            torch.testing.assert_close((w.b @ w.a) * w.scaling, delta, atol=1e-6, rtol=0)
     assert adapter.max_rank == max(w.rank for w in adapter.modules.values())
     assert adapter.target_modules == frozenset(m for _, m in layers)
     num_floats = sum(w.a.numel() + w.b.numel() for w in adapter.modules.values())
@@ -136,7 +136,7 @@ def test_content_hash_is_taken_over_the_files_as_stored(good_adapter: Path,
     assert adapter.content_hash == digest.hexdigest()
     stored = load_file(good_adapter / WEIGHTS_FILE)
     w = adapter.modules[(0, "q_proj")]
-    assert w.scaling == 2.0 and torch.equal(w.b, stored[Q_B] * 2.0)
+    assert w.scaling == 2.0 and torch.equal(w.b, stored[Q_B])  # scaled where it is used
 
 
 # ---- refusals: each names the adapter path, the field and the value -------------------
@@ -382,4 +382,4 @@ def test_half_precision_weights_load_as_float32(bad: Path, tiny_arch: ModelArch)
     w = adapter.modules[(0, "q_proj")]
     assert w.a.dtype == w.b.dtype == torch.float32
     assert torch.equal(w.a, stored[Q_A].float())
-    assert torch.equal(w.b, stored[Q_B].float() * w.scaling)
+    assert torch.equal(w.b, stored[Q_B].float())

@@ -210,7 +210,7 @@ def test_unmerge_mapping_takes_the_merged_delta_out() -> None:
                       max_rank=8, dtype=torch.float64, device=torch.device("cpu"))
     for slot, r in ranks.items():
         stack.load(slot, r, {name: (torch.randn(r, in_features, generator=g, dtype=torch.float64),
-                                    torch.randn(out, r, generator=g, dtype=torch.float64))
+                                    torch.randn(out, r, generator=g, dtype=torch.float64), 1.0)
                              for name, out in zip(stack.slice_names, outs)})
     token_slots = [-1, 1, 0, 1, 2, -1, 1, 1, 0]
     x = torch.randn(len(token_slots), in_features, generator=g, dtype=torch.float64)

@@ -76,7 +76,7 @@ def test_kernel_at_model_sizes_and_negative_alpha() -> None:
                       dtype=torch.bfloat16, device=CPU)
     for slot in range(4):
         stack.load(slot, rank, {name: (torch.randn(rank, in_features, generator=g) / 24,
-                                       torch.randn(out, rank, generator=g) / 4)
+                                       torch.randn(out, rank, generator=g) / 4, 1.0)
                                 for name, out in zip(stack.slice_names, outs)})
     token_slots = [2] * 6 + [0, -1, 1]
     x, base = inputs(len(token_slots), in_features, sum(outs), 4)
@@ -111,7 +111,7 @@ def test_one_run_is_split_among_threads(num_threads: int, num_tokens: int) -> No
     finally:
         torch.set_num_threads(before)
     stack.load(1, rank, {name: (torch.randn(rank, in_features, generator=g) / 24,
-                                torch.randn(out, rank, generator=g) / 4)
+                                torch.randn(out, rank, generator=g) / 4, 1.0)
                          for name, out in zip(stack.slice_names, outs)})
     token_slots = [-1] + [1] * num_tokens
     x, base = inputs(len(token_slots), in_features, sum(outs), num_tokens)
@@ -128,7 +128,7 @@ def test_kernel_skips_slots_that_do_not_target_the_projection() -> None:
     g = torch.Generator().manual_seed(5)
     stack = LoRAStack(("o_proj",), 32, [64], max_loras=2, max_rank=4, dtype=torch.bfloat16,
                       device=CPU)
-    stack.load(0, 4, {"o_proj": (torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g))})
+    stack.load(0, 4, {"o_proj": (torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g), 1.0)})
     stack.load(1, 4, {})  # an adapter for other projections
     assert stack.slot_ranks.tolist() == [4, 0]
     x, base = inputs(4, 32, 64, 6)
@@ -177,7 +177,7 @@ def test_wide_kernel_on_prefill_runs(shape: str, num_threads: int) -> None:
         torch.set_num_threads(before)
     for slot in (1, 2):
         stack.load(slot, rank, {name: (torch.randn(rank, in_features, generator=g) / in_features ** 0.5,
-                                       torch.randn(out, rank, generator=g) / 4)
+                                       torch.randn(out, rank, generator=g) / 4, 1.0)
                                 for name, out in zip(stack.slice_names, outs)})
     token_slots = shuffled({-1: 9, 1: 70, 2: SGMV_ROWS + 3}, in_features)
     x, base = inputs(len(token_slots), in_features, sum(outs), rank)
