@@ -1,9 +1,9 @@
 """Preallocated adapter slots of one fused projection (the layout lora/ops.py reads).
 
 Each LoRA-capable projection of the model (qkv_proj, o_proj, gate_up_proj, down_proj of
-every layer) owns one ``LoRAStack``. Loading an adapter into slot s copies its A and its
-B times the module's scaling, transposed, into the blocks sized by its own rank; everything else in
-the slot's used region is zeroed, so slices it does not target contribute nothing.
+every layer) owns one ``LoRAStack``. Loading an adapter into slot s copies its A and its B
+times the module's scaling, transposed, into the blocks sized by its own rank; everything
+else in the slot's used region is zeroed, so slices it does not target contribute nothing.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ class LoRAStack:
             if name in modules:
                 a, b, scaling = modules[name]  # [r_i, in], [size, r_i]
                 a_t[:, i * rank:i * rank + a.shape[0]].copy_(a.T)
-                torch.mul(b.T, scaling, out=b_t[i * rank:i * rank + b.shape[1], offset:offset + size])
+                b_slice = b_t[i * rank:i * rank + b.shape[1], offset:offset + size]
+                torch.mul(b.T, scaling, out=b_slice)
             offset += size
         if modules:
             self.weighted_slots.add(slot)

@@ -124,8 +124,8 @@ def test_content_hash_is_identity_not_name(good_adapter: Path, tmp_path: Path,
 
 def test_content_hash_is_taken_over_the_files_as_stored(good_adapter: Path,
                                                         tiny_arch: ModelArch) -> None:
-    """lora_B is scaled in place in the buffer the file was read into: the hash must be
-    of the bytes read, and the values PEFT's (test_matches_peft_delta_weight)."""
+    """The hash is of the bytes as stored, and lora_B keeps the file's values: its scaling
+    is applied where the weights are used (the delta is PEFT's: test_matches_peft_delta_weight)."""
     from blake3 import blake3
 
     digest = blake3()
@@ -136,7 +136,7 @@ def test_content_hash_is_taken_over_the_files_as_stored(good_adapter: Path,
     assert adapter.content_hash == digest.hexdigest()
     stored = load_file(good_adapter / WEIGHTS_FILE)
     w = adapter.modules[(0, "q_proj")]
-    assert w.scaling == 2.0 and torch.equal(w.b, stored[Q_B])  # scaled where it is used
+    assert w.scaling == 2.0 and torch.equal(w.b, stored[Q_B])
 
 
 # ---- refusals: each names the adapter path, the field and the value -------------------
@@ -347,8 +347,7 @@ def test_refuses_truncated_or_corrupt_weights(damage: str, bad: Path, tiny_arch:
 
 
 def test_refuses_tensors_that_share_bytes(bad: Path, tiny_arch: ModelArch) -> None:
-    """Two tensors over one byte range (safetensors forbids it): B is scaled in place, so
-    a shared byte would be scaled twice."""
+    """Two tensors over one byte range: safetensors forbids it; refused as a malformed file."""
     path = bad / WEIGHTS_FILE
     data = path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")

@@ -128,7 +128,8 @@ def test_kernel_skips_slots_that_do_not_target_the_projection() -> None:
     g = torch.Generator().manual_seed(5)
     stack = LoRAStack(("o_proj",), 32, [64], max_loras=2, max_rank=4, dtype=torch.bfloat16,
                       device=CPU)
-    stack.load(0, 4, {"o_proj": (torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g), 1.0)})
+    stack.load(0, 4, {"o_proj": (torch.randn(4, 32, generator=g),
+                                 torch.randn(64, 4, generator=g), 1.0)})
     stack.load(1, 4, {})  # an adapter for other projections
     assert stack.slot_ranks.tolist() == [4, 0]
     x, base = inputs(4, 32, 64, 6)

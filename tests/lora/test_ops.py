@@ -33,9 +33,11 @@ def make_stack(out_sizes: list[int], dtype: torch.dtype, seed: int
     weights = {}
     for slot, r in SLOT_RANKS.items():
         modules = {name: (torch.randn(r, IN_FEATURES, generator=g) / IN_FEATURES ** 0.5,
-                          torch.randn(out, r, generator=g), 1.5) for name, out in zip(names, out_sizes)}
+                          torch.randn(out, r, generator=g), 1.5)
+                   for name, out in zip(names, out_sizes)}
         stack.load(slot, r, modules)
-        weights[slot] = [(a.to(dtype).double(), (b * s).to(dtype).double()) for a, b, s in modules.values()]
+        weights[slot] = [(a.to(dtype).double(), (b * s).to(dtype).double())
+                         for a, b, s in modules.values()]
     return stack, weights
 
 
@@ -173,11 +175,14 @@ STACK_IN = 32
 def module(r: int, out: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A, B, scaling), the scaling drawn too: the slot must hold B times it."""
     scaling = 0.25 + torch.rand(1, generator=g).item()
-    return torch.randn(r, STACK_IN, generator=g) / STACK_IN ** 0.5, torch.randn(out, r, generator=g), scaling
+    a = torch.randn(r, STACK_IN, generator=g) / STACK_IN ** 0.5
+    return a, torch.randn(out, r, generator=g), scaling
 
 
-def stack_delta(x: torch.Tensor, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
-    """What an adapter adds to a qkv output: scaling * x @ A.T @ B.T per targeted slice, else zero."""
+def stack_delta(x: torch.Tensor,
+                modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """What an adapter adds to a qkv output: scaling * x @ A.T @ B.T per targeted slice,
+    else zero."""
     parts = []
     for name, out in zip(QKV, QKV_OUTS):
         if name in modules:
@@ -230,7 +235,8 @@ def test_lora_stack_apply_skips_when_no_slot_targets_it() -> None:
     g = torch.Generator().manual_seed(1)
     stack = LoRAStack(("o_proj",), STACK_IN, [48], max_loras=2, max_rank=4,
                       dtype=torch.float32, device=CPU)
-    stack.load(0, 4, {"o_proj": (torch.randn(4, STACK_IN, generator=g), torch.randn(48, 4, generator=g), 1.0)})
+    stack.load(0, 4, {"o_proj": (torch.randn(4, STACK_IN, generator=g),
+                                 torch.randn(48, 4, generator=g), 1.0)})
     stack.load(0, 4, {})  # a new occupant that does not target o_proj
     x, base = torch.randn(6, STACK_IN, generator=g), torch.randn(6, 48, generator=g)
     out = base.clone()
