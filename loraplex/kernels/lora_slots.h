@@ -40,12 +40,17 @@ static inline void prefetch_slot(const struct lora_slots *w, int32_t slot) {
         }
 }
 
-/* The same slots are likely to run in the next projection too: ask for up to 4 of them. */
+/* The same slots are likely to run next: ask for up to 4 of them, each in the next
+ * projection it has weights in. Projections that none of a step's adapters target get no
+ * call (lora/layers.py), so for q_proj/v_proj adapters the qkv call asks for the next
+ * layer's qkv (3 projections on). */
 static inline void prefetch_next(const struct lora_slots *w, int64_t n, const int32_t *slots) {
-    if (w->next == NULL) return;
     for (int64_t i = 0, asked = 0; i < n && asked < 4; i++)
         if (i == 0 || slots[i] != slots[i - 1]) {
-            prefetch_slot(w->next, slots[i]);
+            const struct lora_slots *next = w->next;
+            for (int hops = 0; next != NULL && next->slot_ranks[slots[i]] == 0 && hops < 3; hops++)
+                next = next->next;
+            if (next != NULL) prefetch_slot(next, slots[i]); /* nothing if its rank is 0 */
             asked++;
         }
 }

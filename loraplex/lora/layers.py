@@ -73,6 +73,11 @@ class LoRAStack:
     def apply(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRAMapping) -> None:
         """out: [N, out] base result, x: [N, in]; adds each token's adapter delta in place."""
         for p in mapping.passes:
+            if self.weighted_slots.isdisjoint(p.slots):
+                # None of the step's adapters targets this projection (PEFT's default q_proj
+                # and v_proj leave o, gate_up and down alone): no call at all, 3 of 4 per
+                # layer for such adapters.
+                continue
             groups = p.groups
             if self.kernel is not None:
                 if p.narrow is not None:

@@ -68,6 +68,7 @@ class LoRAPass:
     narrow: KernelTokens | None  # bgmv's tokens, by slot
     wide: KernelTokens | None  # sgmv's tokens, by slot
     wide_groups: list[RankGroup]  # what is left for torch beside the kernels
+    slots: frozenset[int]  # every slot of the pass: a projection none of them targets skips it
 
 
 @dataclass(slots=True)
@@ -107,8 +108,9 @@ class LoRAMapping:
 def _split_pass(groups: list[RankGroup], alpha: float, token_slots: list[int],
                 device: torch.device) -> LoRAPass:
     """token_slots: the slots ``groups`` were built from."""
+    slots = frozenset(s for g in groups for s in g.slots)
     if device.type != "cpu":  # the kernels are CPU only
-        return LoRAPass(groups, alpha, None, None, groups)
+        return LoRAPass(groups, alpha, None, None, groups, slots)
 
     def tokens(rows: list[int]) -> KernelTokens | None:
         return KernelTokens(rows, [token_slots[row] for row in rows]) if rows else None
@@ -124,10 +126,10 @@ def _split_pass(groups: list[RankGroup], alpha: float, token_slots: list[int],
                     j += 1
                 (long if j - i >= SGMV_ROWS else short).extend(rows[i:j])
                 i = j
-        return LoRAPass(groups, alpha, tokens(short), tokens(long), [])
+        return LoRAPass(groups, alpha, tokens(short), tokens(long), [], slots)
     narrow = [row for g, rows in zip(groups, group_rows) if g.num_rows < WIDE_ROWS for row in rows]
     return LoRAPass(groups, alpha, tokens(narrow), None,
-                    [g for g in groups if g.num_rows >= WIDE_ROWS])
+                    [g for g in groups if g.num_rows >= WIDE_ROWS], slots)
 
 
 def _rank_groups(token_slots: list[int], slot_ranks: dict[int, int],

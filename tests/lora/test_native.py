@@ -139,6 +139,31 @@ def test_kernel_skips_slots_that_do_not_target_the_projection() -> None:
     assert not torch.equal(out[1], base[1])
 
 
+
+def test_a_projection_no_adapter_of_the_step_targets_gets_no_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapters for other projections only (PEFT's default q_proj, v_proj seen from o_proj):
+    the step's output is left alone without a kernel call; one targeting adapter in the
+    step brings the call back, for its tokens only."""
+    g = torch.Generator().manual_seed(8)
+    stack = LoRAStack(("o_proj",), 32, [64], max_loras=3, max_rank=4, dtype=torch.bfloat16,
+                      device=CPU)
+    stack.load(0, 4, {"o_proj": (torch.randn(4, 32, generator=g),
+                                 torch.randn(64, 4, generator=g), 1.0)})
+    stack.load(1, 4, {})
+    stack.load(2, 4, {})
+    calls = []
+    real_add = stack.kernel.add
+    monkeypatch.setattr(stack.kernel, "add", lambda *a, **k: (calls.append(a), real_add(*a, **k)))
+    ranks = {0: 4, 1: 4, 2: 4}
+    x, base = inputs(4, 32, 64, 9)
+    out = base.clone()
+    stack.apply(out, x, LoRAMapping.build([1, 2, -1, 1], ranks, CPU))
+    assert calls == [] and torch.equal(out, base)
+    stack.apply(out, x, LoRAMapping.build([1, 0, -1, 2], ranks, CPU))
+    assert len(calls) == 1
+    assert torch.equal(out[[0, 2, 3]], base[[0, 2, 3]]) and not torch.equal(out[1], base[1])
+
 def test_slots_of_many_tokens_go_to_the_wide_kernel() -> None:
     token_slots = [0] * SGMV_ROWS + [1] * (SGMV_ROWS - 1) + [2, -1]
     (p,) = LoRAMapping.build(token_slots, {0: 4, 1: 4, 2: 8}, CPU).passes
