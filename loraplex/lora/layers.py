@@ -50,7 +50,7 @@ class LoRAStack:
              modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """rank: the slot's rank (the adapter's largest); modules: HF slice name ->
         (A [r, in], B [out, r], scaling) for this layer, r <= rank (rank_pattern); B is
-        multiplied by its scaling on its way into the slot (one pass, as a copy costs)."""
+        multiplied by its scaling as it is copied in (one pass, as fast as a plain copy)."""
         a_t, b_t = slot_views(self.a_flat, self.b_flat, slot, rank, len(self.slice_names),
                               self.in_features, self.out_features)
         a_t.zero_()
